@@ -1,0 +1,1 @@
+"""calm-stream operators."""

@@ -1,0 +1,29 @@
+"""Start or join Ray with the resources the settings give, and nothing more."""
+
+from __future__ import annotations
+
+import os
+
+import ray
+
+from pipeline.settings import RaySettings
+
+
+def init_ray(settings: RaySettings) -> None:
+    """Join `settings.address`, or start a local Ray bounded to the configured CPUs and object store.
+
+    A local Ray is started without its dashboard and with a fixed object store so that a laptop or a
+    2-core CI box is not swamped; inside a Ray job (RAY_ADDRESS set) the job's cluster is joined.
+    """
+    if ray.is_initialized():
+        return
+    address = settings.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return
+    ray.init(
+        num_cpus=settings.num_cpus or os.cpu_count(),
+        object_store_memory=settings.object_store_memory_mb * 1024 * 1024,
+        include_dashboard=False,
+        log_to_driver=True,
+    )
