@@ -11,8 +11,17 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from pipeline.cli_bench import bench_app
+from pipeline.cli_domain import corpus_app, eval_app, produce_app
 from pipeline.cli_kafka import kafka_app
-from pipeline.settings import Settings, SettingsError, load_settings, masked, parse_overrides, value_sources
+from pipeline.settings import (
+    Settings,
+    SettingsError,
+    load_settings,
+    masked,
+    parse_overrides,
+    value_sources,
+)
 
 app = typer.Typer(
     name="calm-stream",
@@ -22,6 +31,10 @@ app = typer.Typer(
 )
 console = Console()
 app.add_typer(kafka_app, name="kafka")
+app.add_typer(produce_app, name="produce")
+app.add_typer(corpus_app, name="corpus")
+app.add_typer(eval_app, name="eval")
+app.add_typer(bench_app, name="bench")
 
 
 @dataclass

@@ -1,0 +1,110 @@
+"""Event schemas: the JSON contract of the `iot.readings` and `transactions` topics.
+
+Every event carries `kind` (which schema) and `schema_version` (which revision of it), so a
+consumer can refuse what it does not understand instead of guessing. The models are strict:
+on the wire a number is a number, a flag is a boolean, a timestamp is an ISO-8601 string with
+a UTC offset. Identifiers are restricted to a safe alphabet because they end up in prompts.
+"""
+
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Annotated, Literal
+
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    field_validator,
+)
+
+SCHEMA_VERSION = 1
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+Identifier = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")]
+Label = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9 &'.,_-]{0,63}$")]
+UtcTimestamp = Annotated[AwareDatetime, AfterValidator(lambda ts: ts.astimezone(UTC))]
+
+
+class _Event(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    # A payload without the field is read as version 1; any other version is refused.
+    schema_version: Literal[1] = SCHEMA_VERSION
+
+
+class Metric(BaseModel):
+    """One measured quantity of a reading."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    name: Annotated[str, Field(pattern=r"^[a-z][a-z_]{0,31}$")]
+    value: Annotated[float, Field(allow_inf_nan=False)]
+    unit: Annotated[str, Field(pattern=r"^[A-Za-z%/°]{1,8}$")]
+
+
+class IotReading(_Event):
+    """A sensor reading: one device, one instant, one or more metrics."""
+
+    kind: Literal["iot"] = "iot"
+    device_id: Identifier
+    site: Identifier
+    seq: Annotated[int, Field(ge=0, lt=2**63)]  # per-device sequence number: the dedupe id
+    ts: UtcTimestamp
+    metrics: Annotated[tuple[Metric, ...], Field(min_length=1, max_length=16)]
+    firmware: Annotated[str, Field(pattern=r"^[0-9A-Za-z.+-]{1,32}$")]
+    status: Literal["ok", "degraded", "fault"]
+
+    @field_validator("metrics")
+    @classmethod
+    def _unique_names(cls, metrics: tuple[Metric, ...]) -> tuple[Metric, ...]:
+        names = [m.name for m in metrics]
+        if len(set(names)) != len(names):
+            raise ValueError("metric names must be unique within a reading")
+        return metrics
+
+
+class Transaction(_Event):
+    """A card payment."""
+
+    kind: Literal["transaction"] = "transaction"
+    txn_id: Identifier
+    account_id: Identifier
+    merchant: Label
+    category: Annotated[str, Field(pattern=r"^[a-z][a-z_]{0,31}$")]  # MCC group, e.g. grocery
+    amount: Annotated[Decimal, Field(gt=0, max_digits=18, decimal_places=4, allow_inf_nan=False)]
+    currency: Annotated[str, Field(pattern=r"^[A-Z]{3}$")]  # ISO 4217 alphabetic code
+    ts: UtcTimestamp
+    country: Annotated[str, Field(pattern=r"^[A-Z]{2}$")]  # ISO 3166-1 alpha-2 code
+    channel: Literal["pos", "ecom", "atm", "moto"]
+    card_present: bool
+
+
+Event = Annotated[IotReading | Transaction, Field(discriminator="kind")]
+EVENT_ADAPTER: TypeAdapter[IotReading | Transaction] = TypeAdapter(Event)
+
+
+def entity_id(event: IotReading | Transaction) -> str:
+    """The key events are partitioned and windowed by: the device or the account."""
+    return event.device_id if isinstance(event, IotReading) else event.account_id
+
+
+def event_id(event: IotReading | Transaction) -> str:
+    """A stable identity for deduplication: re-delivered copies share it."""
+    return f"{event.device_id}#{event.seq}" if isinstance(event, IotReading) else event.txn_id
+
+
+def event_time_ms(event: IotReading | Transaction) -> int:
+    """Event time as integer milliseconds since the Unix epoch (window arithmetic is exact)."""
+    return (event.ts - _EPOCH) // timedelta(milliseconds=1)
+
+
+def to_json_bytes(event: IotReading | Transaction) -> bytes:
+    """The wire form: compact UTF-8 JSON."""
+    return event.model_dump_json().encode()
+
+
+def from_millis(ms: int) -> datetime:
+    return _EPOCH + timedelta(milliseconds=ms)

@@ -1,0 +1,391 @@
+"""Statistics and anomaly flags of one entity's window of events.
+
+Everything here looks at the window alone, as the streaming pipeline does: per-metric
+count/min/max/mean/trend and IoT anomalies (spike, stuck sensor, dropout, drift); per-account
+totals by currency, counts by merchant category and payment anomalies (burst, card testing,
+geo-impossible travel). Each anomaly carries a severity and the key numbers that justify it,
+rounded the way summaries state them (`Quantity`).
+
+Trends are Theil-Sen slopes (median of pairwise slopes), so a single spike cannot fake a drift;
+spikes are robust z-scores of the residuals around that trend line.
+"""
+
+import itertools
+import math
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Literal
+
+import numpy as np
+
+from operators.events import IotReading, Transaction, event_time_ms
+
+Severity = Literal["low", "medium", "high"]
+MS_PER_HOUR = 3_600_000
+MS_PER_MINUTE = 60_000
+
+
+@dataclass(frozen=True)
+class Quantity:
+    """A number as a summary states it: `decimals` places, optionally with an explicit sign."""
+
+    value: float
+    decimals: int
+    unit: str = ""
+    signed: bool = False
+
+    @property
+    def text(self) -> str:
+        rounded = round(self.value, self.decimals)
+        if rounded == 0:
+            rounded = 0.0  # never "-0.0"
+        return f"{rounded:+.{self.decimals}f}" if self.signed else f"{rounded:.{self.decimals}f}"
+
+
+@dataclass(frozen=True)
+class Anomaly:
+    type: str
+    severity: Severity
+    subject: str  # the metric, the merchant, or the countries involved
+    numbers: tuple[Quantity, ...]
+
+
+@dataclass(frozen=True)
+class MetricStats:
+    name: str
+    unit: str
+    count: int
+    min: Quantity
+    max: Quantity
+    mean: Quantity
+    trend: Quantity  # per hour
+
+
+@dataclass(frozen=True)
+class IotStats:
+    entity: str
+    site: str
+    start_ms: int
+    end_ms: int
+    count: int
+    metrics: tuple[MetricStats, ...]
+    not_ok: tuple[tuple[str, int], ...]  # readings per non-ok status
+    anomalies: tuple[Anomaly, ...]
+
+
+@dataclass(frozen=True)
+class TxnStats:
+    entity: str
+    start_ms: int
+    end_ms: int
+    count: int
+    totals: tuple[Quantity, ...]  # one per currency, unit = currency code
+    largest: Quantity
+    categories: tuple[tuple[str, int], ...]  # most frequent first
+    countries: tuple[str, ...]
+    anomalies: tuple[Anomaly, ...]
+
+
+WindowStats = IotStats | TxnStats
+
+
+@dataclass(frozen=True)
+class MetricRule:
+    """Detection thresholds of one metric, in its own unit."""
+
+    noise_floor: float  # the sensor's noise spec: a partly flat series must not shrink the scale
+    drift_per_hour: float  # |trend| above this is a drift
+
+
+# Thresholds for the metrics our devices report; an unknown metric gets spike checks only.
+METRIC_RULES: dict[str, MetricRule] = {
+    "temperature": MetricRule(noise_floor=0.1, drift_per_hour=7.0),
+    "humidity": MetricRule(noise_floor=0.3, drift_per_hour=20.0),
+    "pressure": MetricRule(noise_floor=0.2, drift_per_hour=12.0),
+    "vibration": MetricRule(noise_floor=0.05, drift_per_hour=3.0),
+    "power": MetricRule(noise_floor=0.3, drift_per_hour=18.0),
+}
+SPIKE_Z = 8.0  # robust z-score of a residual that counts as a spike
+STUCK_MIN_READINGS = 8  # identical consecutive values that count as a stuck sensor
+DROPOUT_MIN_MS = 60_000  # a silence this long, and ...
+DROPOUT_MIN_INTERVALS = 4.0  # ... this many reporting intervals, is a dropout
+
+
+def severity(value: float, medium: float, high: float) -> Severity:
+    """Grade a magnitude that already passed its detection threshold."""
+    return "high" if value >= high else "medium" if value >= medium else "low"
+
+
+def iot_stats(key: str, start_ms: int, end_ms: int, readings: Sequence[IotReading]) -> IotStats:
+    """Statistics and anomalies of one device's readings (sorted by time) in [start_ms, end_ms)."""
+    if not readings:
+        raise ValueError("a window has at least one reading")
+    t = np.array([event_time_ms(r) for r in readings], dtype=np.int64)
+    metrics, anomalies = [], []
+    for name, unit in _metric_names(readings):
+        mask = np.array([any(m.name == name for m in r.metrics) for r in readings])
+        values = np.array([m.value for r in readings for m in r.metrics if m.name == name])
+        stats, found = _metric_window(name, unit, t[mask], values)
+        metrics.append(stats)
+        anomalies.extend(found)
+    gap = _dropout(t, start_ms, end_ms)
+    if gap is not None:
+        anomalies.append(gap)
+    not_ok = Counter(r.status for r in readings if r.status != "ok")
+    return IotStats(
+        entity=key,
+        site=readings[-1].site,
+        start_ms=start_ms,
+        end_ms=end_ms,
+        count=len(readings),
+        metrics=tuple(metrics),
+        not_ok=tuple(sorted(not_ok.items())),
+        anomalies=tuple(anomalies),
+    )
+
+
+def _metric_names(readings: Sequence[IotReading]) -> list[tuple[str, str]]:
+    seen: dict[str, str] = {}
+    for r in readings:
+        for m in r.metrics:
+            seen.setdefault(m.name, m.unit)
+    return list(seen.items())
+
+
+def theil_sen(t_hours: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """Median-of-pairwise-slopes line (slope, intercept); robust to outliers and flat runs.
+
+    Only pairs at least a quarter of the time span apart vote: close pairs have noisy slopes,
+    and when a dropout leaves two clumps of readings they would outvote the clumps' difference.
+    """
+    if len(y) < 2:
+        return 0.0, float(y[0])
+    i, j = np.triu_indices(len(y), k=1)
+    dt = t_hours[j] - t_hours[i]
+    ok = (dt > 0) & (dt >= (t_hours[-1] - t_hours[0]) / 4)
+    slope = float(np.median((y[j] - y[i])[ok] / dt[ok])) if ok.any() else 0.0
+    return slope, float(np.median(y - slope * t_hours))
+
+
+def _metric_window(
+    name: str, unit: str, t_ms: np.ndarray, y: np.ndarray
+) -> tuple[MetricStats, list[Anomaly]]:
+    rule = METRIC_RULES.get(name)
+    t_hours = (t_ms - t_ms[0]) / MS_PER_HOUR
+    slope, intercept = theil_sen(t_hours, y)
+    stats = MetricStats(
+        name=name,
+        unit=unit,
+        count=len(y),
+        min=Quantity(float(y.min()), 1, unit),
+        max=Quantity(float(y.max()), 1, unit),
+        mean=Quantity(float(y.mean()), 1, unit),
+        trend=Quantity(slope, 1, f"{unit}/h", signed=True),
+    )
+    anomalies = [
+        a
+        for a in (
+            _stuck(name, unit, t_ms, y),
+            _spike(name, unit, t_hours, y, slope, intercept, rule),
+            _drift(name, unit, slope, rule),
+        )
+        if a is not None
+    ]
+    return stats, anomalies
+
+
+def _spike(
+    name: str,
+    unit: str,
+    t_hours: np.ndarray,
+    y: np.ndarray,
+    slope: float,
+    intercept: float,
+    rule: MetricRule | None,
+) -> Anomaly | None:
+    if len(y) < 5:
+        return None
+    residual = y - (intercept + slope * t_hours)
+    scale = 1.4826 * float(np.median(np.abs(residual - np.median(residual))))
+    scale = max(scale, rule.noise_floor if rule else 1e-9)
+    z = np.abs(residual) / scale
+    worst = int(np.argmax(z))
+    if z[worst] < SPIKE_Z:
+        return None
+    return Anomaly(
+        "spike",
+        severity(float(z[worst]), medium=3 * SPIKE_Z, high=6 * SPIKE_Z),
+        name,
+        (Quantity(float(y[worst]), 1, unit),),
+    )
+
+
+def _stuck(name: str, unit: str, t_ms: np.ndarray, y: np.ndarray) -> Anomaly | None:
+    # Longest run of exactly equal consecutive values: live sensors always jitter.
+    best_start, best_len, run_start = 0, 1, 0
+    for i in range(1, len(y) + 1):
+        if i == len(y) or y[i] != y[run_start]:
+            if i - run_start > best_len:
+                best_start, best_len = run_start, i - run_start
+            run_start = i
+    if best_len < STUCK_MIN_READINGS:
+        return None
+    minutes = (t_ms[best_start + best_len - 1] - t_ms[best_start]) / MS_PER_MINUTE
+    return Anomaly(
+        "stuck",
+        severity(minutes, medium=2.5, high=4.0),
+        name,
+        (Quantity(float(y[best_start]), 1, unit), Quantity(minutes, 1, "min")),
+    )
+
+
+def _drift(name: str, unit: str, slope: float, rule: MetricRule | None) -> Anomaly | None:
+    if rule is None or abs(slope) < rule.drift_per_hour:
+        return None
+    ratio = abs(slope) / rule.drift_per_hour
+    return Anomaly(
+        "drift",
+        severity(ratio, medium=2.5, high=5.0),
+        name,
+        (Quantity(slope, 1, f"{unit}/h", signed=True),),
+    )
+
+
+def _dropout(t_ms: np.ndarray, start_ms: int, end_ms: int) -> Anomaly | None:
+    # Silences between readings, and from the window's edges to the first and last reading.
+    edges = np.concatenate([[start_ms], t_ms, [end_ms]])
+    gaps = np.diff(edges)
+    # The shortest spacing is the device's cadence even when most of the window is silent.
+    typical = float(np.diff(t_ms).min()) if len(t_ms) > 2 else 0.0
+    longest = int(gaps.max())
+    if longest < DROPOUT_MIN_MS or longest < DROPOUT_MIN_INTERVALS * typical:
+        return None
+    minutes = longest / MS_PER_MINUTE
+    return Anomaly(
+        "dropout",
+        severity(minutes, medium=2.0, high=3.5),
+        "readings",
+        (Quantity(minutes, 1, "min"),),
+    )
+
+
+# Amounts below this (per currency) on a card-not-present payment look like card testing.
+SMALL_AMOUNT: dict[str, Decimal] = {
+    "EUR": Decimal(2),
+    "USD": Decimal(2),
+    "GBP": Decimal(2),
+    "CHF": Decimal(2),
+    "JPY": Decimal(300),
+}
+MINOR_UNITS: dict[str, int] = {"JPY": 0}  # ISO 4217 exponent where it is not 2
+BURST_MIN = 6  # regular payments in one window
+CARD_TEST_MIN = 3  # small card-not-present payments in one window
+
+# Capital coordinates (lat, lon) for the distance of impossible travel.
+COUNTRY_COORDS: dict[str, tuple[float, float]] = {
+    "DE": (52.52, 13.40), "FR": (48.86, 2.35), "ES": (40.42, -3.70), "IT": (41.90, 12.50),
+    "NL": (52.37, 4.90), "GB": (51.51, -0.13), "CH": (46.95, 7.45), "US": (38.91, -77.04),
+    "JP": (35.68, 139.69), "BR": (-15.79, -47.88), "IN": (28.61, 77.21), "AU": (-35.28, 149.13),
+    "NG": (9.08, 7.40), "RU": (55.76, 37.62), "MX": (19.43, -99.13), "SG": (1.29, 103.85),
+}  # fmt: skip
+
+
+def minor_units(currency: str) -> int:
+    return MINOR_UNITS.get(currency, 2)
+
+
+def txn_stats(key: str, start_ms: int, end_ms: int, txns: Sequence[Transaction]) -> TxnStats:
+    """Statistics and anomalies of one account's payments (sorted by time) in [start_ms, end_ms)."""
+    if not txns:
+        raise ValueError("a window has at least one transaction")
+    totals: dict[str, Decimal] = {}
+    for t in txns:
+        totals[t.currency] = totals.get(t.currency, Decimal(0)) + t.amount
+    largest = max(txns, key=lambda t: (t.amount, t.ts))
+    categories = Counter(t.category for t in txns)
+    anomalies = [
+        a for a in (_burst(txns), _card_testing(txns), _geo_impossible(txns)) if a is not None
+    ]
+    return TxnStats(
+        entity=key,
+        start_ms=start_ms,
+        end_ms=end_ms,
+        count=len(txns),
+        totals=tuple(
+            Quantity(float(total), minor_units(cur), cur) for cur, total in sorted(totals.items())
+        ),
+        largest=Quantity(float(largest.amount), minor_units(largest.currency), largest.currency),
+        categories=tuple(sorted(categories.items(), key=lambda kv: (-kv[1], kv[0]))),
+        countries=tuple(sorted({t.country for t in txns})),
+        anomalies=tuple(anomalies),
+    )
+
+
+def _is_small_cnp(t: Transaction) -> bool:
+    small = SMALL_AMOUNT.get(t.currency)
+    return not t.card_present and small is not None and t.amount < small
+
+
+def _burst(txns: Sequence[Transaction]) -> Anomaly | None:
+    regular = [t for t in txns if not _is_small_cnp(t)]
+    if len(regular) < BURST_MIN:
+        return None
+    n = len(regular)
+    return Anomaly("burst", severity(n, medium=9, high=12), "payments", (Quantity(n, 0),))
+
+
+def _card_testing(txns: Sequence[Transaction]) -> Anomaly | None:
+    small = [t for t in txns if _is_small_cnp(t)]
+    if len(small) < CARD_TEST_MIN:
+        return None
+    merchant = Counter(t.merchant for t in small).most_common(1)[0][0]
+    n = len(small)
+    return Anomaly("card_testing", severity(n, medium=5, high=8), merchant, (Quantity(n, 0),))
+
+
+def _geo_impossible(txns: Sequence[Transaction]) -> Anomaly | None:
+    # Two card-present payments in different countries inside one window: nobody travels that fast.
+    present = [t for t in txns if t.card_present]
+    best: tuple[float, Transaction, Transaction] | None = None
+    for a, b in itertools.pairwise(present):
+        if a.country != b.country:
+            km = distance_km(a.country, b.country)
+            if best is None or km > best[0]:
+                best = (km, a, b)
+    if best is None:
+        return None
+    km, a, b = best
+    minutes = Quantity((event_time_ms(b) - event_time_ms(a)) / MS_PER_MINUTE, 1, "min")
+    return Anomaly(
+        "geo_impossible",
+        severity(km, medium=1000, high=5000),
+        f"{a.country}>{b.country}",
+        (minutes, Quantity(km, 0, "km")) if km else (minutes,),
+    )
+
+
+def distance_km(country_a: str, country_b: str) -> float:
+    """Great-circle distance between two countries' capitals; 0 when either is unknown."""
+    if country_a not in COUNTRY_COORDS or country_b not in COUNTRY_COORDS:
+        return 0.0
+    (lat1, lon1), (lat2, lon2) = (
+        map(math.radians, COUNTRY_COORDS[c]) for c in (country_a, country_b)
+    )
+    h = (
+        math.sin((lat2 - lat1) / 2) ** 2
+        + math.cos(lat1) * math.cos(lat2) * math.sin((lon2 - lon1) / 2) ** 2
+    )
+    return 2 * 6371.0 * math.asin(math.sqrt(h))
+
+
+def window_stats(
+    key: str, start_ms: int, end_ms: int, events: Sequence[IotReading | Transaction]
+) -> WindowStats:
+    """Dispatch on the window's event kind (a window holds one entity, hence one kind)."""
+    if all(isinstance(e, IotReading) for e in events):
+        return iot_stats(key, start_ms, end_ms, events)  # type: ignore[arg-type]
+    if all(isinstance(e, Transaction) for e in events):
+        return txn_stats(key, start_ms, end_ms, events)  # type: ignore[arg-type]
+    raise ValueError(f"window {key}@{start_ms} mixes IoT readings and transactions")
