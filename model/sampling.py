@@ -26,6 +26,7 @@ single draw in the exact and adaptive samplers.
 
 import math
 import numbers
+from collections.abc import Sequence
 from typing import NamedTuple, Protocol
 
 import numpy as np
@@ -38,6 +39,31 @@ class ChunkDraw(Protocol):
         `rows` holds batch-row indices; an index may repeat, and each repeat is a fresh draw.
         """
         ...
+
+
+# One generator for the whole batch, or one per batch row: then every uniform a row uses comes from
+# its own generator, so its output does not depend on its batch-mates (per-request seeds).
+Rng = np.random.Generator | Sequence[np.random.Generator]
+
+
+def _uniforms(rng: Rng, rows: np.ndarray, needed: np.ndarray | None = None) -> np.ndarray:
+    """One uniform in [0, 1) per entry of `rows` (batch-row indices).
+
+    A shared generator draws for every entry (its stream is the same as before per-row support);
+    per-row generators draw only where `needed` (default: everywhere) and the rest read 1.0, so a
+    row's stream advances by its own decisions only.
+    """
+    if isinstance(rng, np.random.Generator):
+        return rng.random(rows.size)
+    u = np.ones(rows.size)
+    for j in np.flatnonzero(np.ones(rows.size, dtype=bool) if needed is None else needed):
+        u[j] = rng[rows[j]].random()
+    return u
+
+
+def _rows_rng(rng: Rng, rows: np.ndarray) -> Rng:
+    """The generator(s) for a subset of the batch rows, re-indexed 0..len(rows)-1."""
+    return rng if isinstance(rng, np.random.Generator) else [rng[r] for r in rows]
 
 
 class Sampled(NamedTuple):
@@ -129,14 +155,14 @@ def _pick_slots(probabilities: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
 
 
 def approximate_temperature_sample(
-    candidates: np.ndarray, temperature: float, rng: np.random.Generator
+    candidates: np.ndarray, temperature: float, rng: Rng
 ) -> np.ndarray:
     """[B, K] one chunk per row chosen from its N candidates [B, N, K] by the paper's pool rule.
 
     Biased for finite N (a row whose chunks are all distinct returns a plain draw), exact as N grows.
     """
     probabilities = selection_probabilities(candidates, temperature)
-    slot = _pick_slots(probabilities, rng.random(candidates.shape[0]))
+    slot = _pick_slots(probabilities, _uniforms(rng, np.arange(candidates.shape[0])))
     return candidates[np.arange(candidates.shape[0]), slot]
 
 
@@ -162,7 +188,7 @@ def _rejection_sample(
     draw: ChunkDraw,
     batch_size: int,
     temperature: float,
-    rng: np.random.Generator,
+    rng: Rng,
     *,
     max_draws: int,
     first_round: int,
@@ -210,7 +236,7 @@ def _rejection_sample(
             entered = grows & (matched == n)
             factory = live & ~collecting
             miss = factory & ~same
-            reject = miss & (rng.random(active.size) * step < a) if a > 0 else miss
+            reject = miss & (_uniforms(rng, active, miss) * step < a) if a > 0 else miss
             step = np.where(entered, 1, np.where(miss & ~reject, step + 1, step))
             matched[reject] = 0
             accept = (factory & same) | (entered & (a == 0.0))
@@ -222,7 +248,9 @@ def _rejection_sample(
         capped = ~done if used >= max_draws else np.zeros_like(done)
         if capped.any():
             rows = active[capped]
-            chunks[rows] = approximate_temperature_sample(pool[rows, :used], temperature, rng)
+            chunks[rows] = approximate_temperature_sample(
+                pool[rows, :used], temperature, _rows_rng(rng, rows)
+            )
             fallback[rows] = True
         keep = ~done & ~capped
         active, reference, matched, step = active[keep], reference[keep], matched[keep], step[keep]
@@ -234,7 +262,7 @@ def exact_temperature_sample(
     draw: ChunkDraw,
     batch_size: int,
     temperature: float,
-    rng: np.random.Generator,
+    rng: Rng,
     max_draws: int = 4096,
     draws_per_round: int = 1,
 ) -> Sampled:
@@ -260,7 +288,7 @@ def adaptive_temperature_sample(
     draw: ChunkDraw,
     batch_size: int,
     temperature: float,
-    rng: np.random.Generator,
+    rng: Rng,
     max_draws: int = 200,
 ) -> Sampled:
     """The exact algorithm in doubling rounds, capped at the approximate rule's pool size.
