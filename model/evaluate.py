@@ -51,12 +51,15 @@ def ar_probability(model: ARModel, context_tokens: int):
     def probability(prefixes: list[np.ndarray], continuations: np.ndarray) -> np.ndarray:
         model.eval()
         n = continuations.shape[1]
+        # the last continuation token is only predicted, never read: context + n - 1 positions,
+        # the same as generating the n tokens (so any context the sampler fits in, fits here)
         rows = [
-            clip_context(p, context_tokens) + c.tolist() for p, c in zip(prefixes, continuations)
+            clip_context(p, context_tokens) + c[:-1].tolist()
+            for p, c in zip(prefixes, continuations)
         ]
         ids, mask = pad_prompts(rows, 1)  # left-padded: every continuation ends the row
         hidden, _ = model.backbone(model.embed_chunks(ids), attention_mask=mask)
-        logp = torch.log_softmax(model.lm_head(hidden[:, -n - 1 : -1]).float(), dim=-1)
+        logp = torch.log_softmax(model.lm_head(hidden[:, -n:]).float(), dim=-1)
         token_logp = logp.gather(-1, torch.as_tensor(continuations)[..., None])[..., 0]
         return token_logp.cumsum(-1).exp().numpy()
 

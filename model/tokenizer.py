@@ -36,7 +36,15 @@ class Tokenizer:
         if vocab_size < len(SPECIAL_TOKENS) + 256:
             raise ValueError(f"vocab_size must be >= {len(SPECIAL_TOKENS) + 256}, got {vocab_size}")
         hf = HFTokenizer(models.BPE())
-        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        # Digits one by one: the facts of a summary are numbers and ids copied from the prompt, and
+        # a 10-token alphabet is far easier to copy (and to reconstruct through the autoencoder)
+        # than hundreds of rare multi-digit tokens.
+        hf.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Digits(individual_digits=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=False),
+            ]
+        )
         hf.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(
             vocab_size=vocab_size,

@@ -14,6 +14,7 @@ from rich.table import Table
 from pipeline.cli_bench import bench_app
 from pipeline.cli_domain import corpus_app, eval_app, produce_app
 from pipeline.cli_kafka import kafka_app
+from pipeline.cli_train import train
 from pipeline.settings import (
     Settings,
     SettingsError,
@@ -35,6 +36,7 @@ app.add_typer(produce_app, name="produce")
 app.add_typer(corpus_app, name="corpus")
 app.add_typer(eval_app, name="eval")
 app.add_typer(bench_app, name="bench")
+app.command("train")(train)
 
 
 @dataclass
@@ -60,7 +62,9 @@ def main(
     ctx: typer.Context,
     config: Annotated[
         Path | None,
-        typer.Option("--config", "-c", help="YAML, TOML or JSON settings file (also CALM_STREAM_CONFIG)."),
+        typer.Option(
+            "--config", "-c", help="YAML, TOML or JSON settings file (also CALM_STREAM_CONFIG)."
+        ),
     ] = None,
     set_: Annotated[
         list[str] | None,
@@ -91,7 +95,11 @@ def show_settings(
             value = value[part]
         rows.append((".".join(path), value, source))
     if as_json:
-        print(json.dumps({name: {"value": value, "source": source} for name, value, source in rows}, indent=2))
+        print(
+            json.dumps(
+                {name: {"value": value, "source": source} for name, value, source in rows}, indent=2
+            )
+        )
         return
     table = Table("setting", "value", "source", title="calm-stream settings")
     for name, value, source in rows:

@@ -8,6 +8,7 @@ import typer
 
 from model.bench_sampling import main as bench_sampling_main
 from pipeline.bench_produce import print_bench_produce
+from pipeline.cli_train import reproduce
 from pipeline.embedded import kafka_or_local
 from pipeline.settings import kafka_client_options
 
@@ -32,3 +33,6 @@ def bench_produce(
 def bench_sampling() -> None:
     """Vectorised samplers vs a per-row loop, and the adaptive sampler's draws and bias."""
     bench_sampling_main()
+
+
+bench_app.command("reproduce")(reproduce)

@@ -5,6 +5,7 @@ A test that uses one of SERVICE_FIXTURES is marked `integration` automatically.
 
 from __future__ import annotations
 
+import os
 import re
 import uuid
 from collections.abc import Callable, Iterator
@@ -15,6 +16,10 @@ from kafka.admin import KafkaAdminClient
 from deploy.local_kafka import LocalKafka, SaslUser
 from pipeline.ray_runtime import init_ray
 from pipeline.settings import RaySettings
+
+# Ray waits 30 s for a new node's raylet by default: too short on a loaded 2-core CI box. The
+# pipeline processes that tests start inherit this too.
+os.environ.setdefault("RAY_raylet_start_wait_time_s", "180")
 
 SERVICE_FIXTURES = {"kafka_broker", "sasl_kafka_broker", "topic_factory", "ray_local"}
 
@@ -41,16 +46,18 @@ def sasl_kafka_broker() -> Iterator[LocalKafka]:
 
 
 @pytest.fixture
-def topic_factory(kafka_broker: LocalKafka, request: pytest.FixtureRequest
-                  ) -> Iterator[Callable[..., str]]:
+def topic_factory(
+    kafka_broker: LocalKafka, request: pytest.FixtureRequest
+) -> Iterator[Callable[..., str]]:
     """make(partitions=1) creates a topic named after the test plus a random suffix."""
     admin = KafkaAdminClient(bootstrap_servers=kafka_broker.bootstrap_servers)
     stem = re.sub(r"[^A-Za-z0-9._-]+", "-", request.node.name)[:100]
 
     def make(partitions: int = 1) -> str:
         name = f"{stem}-{uuid.uuid4().hex[:8]}"
-        admin.create_topics({name: {"num_partitions": partitions, "replication_factor": 1}},
-                            wait_for_metadata=True)
+        admin.create_topics(
+            {name: {"num_partitions": partitions, "replication_factor": 1}}, wait_for_metadata=True
+        )
         return name
 
     yield make
