@@ -29,7 +29,7 @@ from model import sampling
 from model.ar import ARModel
 from model.calm import CALM
 from model.tokenizer import EOS_ID, PAD_ID
-from operators.chunking import left_pad_to_multiple
+from operators import chunking
 
 SamplerName = Literal["adaptive", "exact", "approximate"]
 
@@ -43,18 +43,9 @@ class Generation:
 
 
 def pad_prompts(prompts: Sequence[Sequence[int]], k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(chunks [B, n, k], chunk mask [B, n]): each prompt left-padded to a multiple of k, the
-    batch left-padded with whole pad chunks (mask 0)."""
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token (normally <bos>)")
-    aligned = [left_pad_to_multiple(p, k, PAD_ID).reshape(-1, k) for p in prompts]
-    n = max(len(a) for a in aligned)
-    chunks = torch.full((len(prompts), n, k), PAD_ID, dtype=torch.long)
-    mask = torch.zeros((len(prompts), n), dtype=torch.bool)
-    for i, a in enumerate(aligned):
-        chunks[i, n - len(a) :] = torch.from_numpy(a)
-        mask[i, n - len(a) :] = True
-    return chunks, mask
+    """(chunks [B, n, k], chunk mask [B, n]) as tensors: operators.chunking.pad_prompts."""
+    chunks, mask = chunking.pad_prompts(prompts, k, PAD_ID)
+    return torch.from_numpy(chunks), torch.from_numpy(mask)
 
 
 def ar_next_tokens(
@@ -171,10 +162,11 @@ def generate(
             new, cost = ar_next_tokens(model, hidden[:, -1], alive_rngs, temperature)
         keep = np.ones(alive.size, dtype=bool)
         for j, i in enumerate(alive):
-            tokens = new[j].tolist()[: limits[i] - len(out[i])]
-            if stop_on_eos and EOS_ID in tokens:
-                tokens, reasons[i] = tokens[: tokens.index(EOS_ID)], "eos"
-                keep[j] = False
+            tokens, ended = chunking.accept_chunk(
+                new[j].tolist(), limits[i] - len(out[i]), EOS_ID, stop_on_eos
+            )
+            if ended:
+                reasons[i], keep[j] = "eos", False
             out[i] += tokens
             steps[i] += 1
             draws[i] += int(cost[j])

@@ -44,3 +44,32 @@ def split_chunks(ids: Sequence[int] | np.ndarray, k: int) -> np.ndarray:
             f"length {arr.shape[0]} is not a multiple of k={k}; left_pad_to_multiple first"
         )
     return arr.reshape(-1, k)
+
+
+def pad_prompts(
+    prompts: Sequence[Sequence[int]], k: int, pad_id: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(chunks [B, n, k] int64, chunk mask [B, n] bool) of a ragged batch: each prompt left-padded
+    to a multiple of k, then the batch left-padded with whole pad chunks (mask False), so that
+    every row's last chunk lines up at the end."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token (normally <bos>)")
+    aligned = [left_pad_to_multiple(p, k, pad_id).reshape(-1, k) for p in prompts]
+    n = max(len(a) for a in aligned)
+    chunks = np.full((len(prompts), n, k), pad_id, dtype=np.int64)
+    mask = np.zeros((len(prompts), n), dtype=bool)
+    for i, a in enumerate(aligned):
+        chunks[i, n - len(a) :] = a
+        mask[i, n - len(a) :] = True
+    return chunks, mask
+
+
+def accept_chunk(
+    chunk: Sequence[int], room: int, eos_id: int, stop_on_eos: bool
+) -> tuple[list[int], bool]:
+    """The part of a generated chunk that a row keeps: at most `room` tokens (no overshoot past
+    the row's limit), cut before its first <eos>; and whether that <eos> ended the row."""
+    tokens = list(chunk)[:room]
+    if stop_on_eos and eos_id in tokens:
+        return tokens[: tokens.index(eos_id)], True
+    return tokens, False

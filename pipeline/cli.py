@@ -14,6 +14,7 @@ from rich.table import Table
 from pipeline.cli_bench import bench_app
 from pipeline.cli_domain import corpus_app, eval_app, produce_app
 from pipeline.cli_kafka import kafka_app
+from pipeline.cli_model import export_command, generate_command
 from pipeline.cli_train import train
 from pipeline.settings import (
     Settings,
@@ -37,6 +38,8 @@ app.add_typer(corpus_app, name="corpus")
 app.add_typer(eval_app, name="eval")
 app.add_typer(bench_app, name="bench")
 app.command("train")(train)
+app.command("export")(export_command)
+app.command("generate")(generate_command)
 
 
 @dataclass

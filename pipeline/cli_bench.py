@@ -8,6 +8,7 @@ import typer
 
 from model.bench_sampling import main as bench_sampling_main
 from pipeline.bench_produce import print_bench_produce
+from pipeline.cli_model import bench_generate_command
 from pipeline.cli_train import reproduce
 from pipeline.embedded import kafka_or_local
 from pipeline.settings import kafka_client_options
@@ -35,4 +36,5 @@ def bench_sampling() -> None:
     bench_sampling_main()
 
 
+bench_app.command("generate")(bench_generate_command)
 bench_app.command("reproduce")(reproduce)

@@ -1,0 +1,403 @@
+"""torch -> ONNX graphs for the onnxruntime engine (model/engine.py), validated by the ONNX checker.
+
+CALM is served as three graphs, the discrete baseline as one:
+
+- `calm_backbone.onnx` step graph: (chunks [B, T, K], attention_mask [B, S+T],
+  past_key_values.N.key/value [B, H, S, hd]) -> (hidden [B, d] of the last position,
+  present.N.key/value [B, H, T, hd] of the T new positions). T = the whole prompt is the
+  prefill, T = 1 a decode step. The past is the engine's preallocated cache: S slots, of which
+  the mask marks the filled ones (left pads and not-yet-written slots are 0).
+- `calm_sampler.onnx`: (hidden [B, d], noise [B, S, noise_dim]) -> (latents [B, S, latent],
+  tokens [B, S, K]): the energy head and the autoencoder's decoder for S noise samples per row.
+  Noise is an input, so the engine's numpy generators seed it per request.
+- `calm_encoder.onnx`: chunks [B, K] -> (mean, log_std) [B, latent].
+- `ar_backbone.onnx`: (input_ids [B, T], attention_mask, past) -> (logits [B, V] of the last
+  position, present).
+
+The TorchScript exporter (`dynamo=False`, opset 17) keeps batch, prompt and past lengths dynamic.
+It has no symbolic for `aten::rms_norm` at opset 17, and `scaled_dot_product_attention` exported
+to a graph 20-40 % slower than plain matmul-softmax-matmul; a `present = cat(past, new)` cache
+also copies the whole cache at every step (a third of an AR decode step at batch 32 in
+onnxruntime). So the trace runs the unchanged model code with two swaps (`serving_ops`): RMSNorm
+as its formula, and a hand-written attention that reads the cache without copying it and returns
+only the new keys/values.
+"""
+
+import json
+import math
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+from unittest import mock
+
+import numpy as np
+import onnx
+import torch
+import torch.nn.functional as F
+from onnx import helper, numpy_helper
+from torch import nn
+
+from model.ar import ARModel
+from model.backbone import Attention
+from model.bundle import Bundle, write_bundle
+from model.calm import CALM
+from model.checkpoint import load_checkpoint
+from model.config import ARConfig, CALMConfig, config_to_dict
+from model.flops import inference_flops_per_token
+from model.tokenizer import BOS_ID, EOS_ID, MASK_ID, PAD_ID, Tokenizer
+
+OPSET = 17
+GRAPH_FILES = {
+    "calm_backbone": "calm_backbone.onnx",
+    "calm_sampler": "calm_sampler.onnx",
+    "calm_encoder": "calm_encoder.onnx",
+    "ar_backbone": "ar_backbone.onnx",
+}
+
+
+def _rotate_half_matrix(head_dim: int) -> torch.Tensor:
+    """P with x @ P = cat(x2, x1) for x = cat(x1, x2): one MatMul instead of slices and a concat
+    (exact: every output is a single input times 1)."""
+    half = head_dim // 2
+    return torch.eye(head_dim).roll(half, dims=0)
+
+
+def _cache_reading_attention(
+    self: Attention, x: torch.Tensor, cos, sin, mask: torch.Tensor, past
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """Attention.forward for the serving graph: the same result with fewer, cheaper nodes.
+
+    - The past is read, never copied: scores against the past keys and against the T new keys
+      are computed separately and only the small score matrix is concatenated; the layer
+      returns the new positions' keys/values alone, which the engine writes into its
+      preallocated cache.
+    - Every shape comes from the rotary tables and the mask that all layers share (and the
+      rotation is x * cos + (x @ P) * sin with a signed sin table), so onnxruntime's
+      common-subexpression elimination computes them once per step instead of once per layer:
+      a third fewer nodes, which is what a batch-1 step pays for.
+    `mask` [B, 1, T, S+T] is the backbone's boolean mask (True = may attend).
+    """
+    b, t = cos.shape[0], cos.shape[2]
+    q, k, v = self.qkv(x).view(b, t, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+    cos2, sin2 = torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
+    swap = _rotate_half_matrix(self.head_dim).to(x.dtype)
+    q, k = q * cos2 + (q @ swap) * sin2, k * cos2 + (k @ swap) * sin2
+    past_k, past_v = past
+    s = mask.shape[-1] - t  # past slots, from the shared mask's shape
+    q = q * (1.0 / math.sqrt(self.head_dim))
+    scores = torch.cat((q @ past_k.transpose(-2, -1), q @ k.transpose(-2, -1)), dim=-1)
+    p = scores.masked_fill(~mask, torch.finfo(x.dtype).min).softmax(dim=-1)
+    y = p[..., :s] @ past_v + p[..., s:] @ v
+    return self.proj(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)), (k, v)
+
+
+def _rms_norm(x, normalized_shape, weight=None, eps=None):
+    eps = torch.finfo(x.dtype).eps if eps is None else eps
+    x = x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + eps)
+    return x if weight is None else x * weight
+
+
+@contextmanager
+def serving_ops() -> Iterator[None]:
+    """Trace the cache-reading attention and RMSNorm as its formula (see the module docstring)."""
+    with (
+        mock.patch.object(Attention, "forward", _cache_reading_attention),
+        mock.patch.object(F, "rms_norm", _rms_norm),
+    ):
+        yield
+
+
+def _cache_names(n_layers: int) -> tuple[list[str], list[str]]:
+    past = [f"past_key_values.{i}.{kv}" for i in range(n_layers) for kv in ("key", "value")]
+    present = [f"present.{i}.{kv}" for i in range(n_layers) for kv in ("key", "value")]
+    return past, present
+
+
+class _Step(nn.Module):
+    """Backbone step over embedded inputs; returns the last position's output and the cache."""
+
+    def __init__(self, model: CALM | ARModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs, attention_mask, *past_flat):
+        past = list(zip(past_flat[0::2], past_flat[1::2]))
+        x = self.model.embed_chunks(inputs if inputs.dim() == 3 else inputs[..., None])
+        hidden, present = self.model.backbone(
+            x, attention_mask=attention_mask, past_key_values=past
+        )
+        last = hidden[:, -1]
+        out = self.model.lm_head(last) if isinstance(self.model, ARModel) else last
+        return (out, *[t for kv in present for t in kv])
+
+
+class _Sampler(nn.Module):
+    def __init__(self, model: CALM):
+        super().__init__()
+        self.model = model
+
+    def forward(self, hidden, noise):
+        latents = self.model.head(hidden, noise)
+        return latents, self.model.autoencoder.decode(latents).argmax(-1)
+
+
+class _Encoder(nn.Module):
+    def __init__(self, model: CALM):
+        super().__init__()
+        self.autoencoder = model.autoencoder
+
+    def forward(self, chunks):
+        return self.autoencoder.encode(chunks)
+
+
+def _export(module: nn.Module, args: tuple, path: Path, inputs, outputs, dynamic) -> Path:
+    module.eval()
+    with torch.no_grad(), serving_ops():
+        torch.onnx.export(
+            module,
+            args,
+            str(path),
+            dynamo=False,
+            opset_version=OPSET,
+            input_names=inputs,
+            output_names=outputs,
+            dynamic_axes=dynamic,
+            do_constant_folding=True,
+        )
+    onnx.checker.check_model(str(path), full_check=True)
+    return path
+
+
+def _export_step(model: CALM | ARModel, inputs: torch.Tensor, first: str, out: str, path: Path):
+    """Trace with B=2, T=3, past 5 so that no dimension is specialised to 1."""
+    cfg = model.config.backbone
+    layers, heads, head_dim = cfg.n_layers, cfg.n_heads, cfg.d_model // cfg.n_heads
+    past_names, present_names = _cache_names(layers)
+    b, t, p = inputs.shape[0], inputs.shape[1], 5
+    past = [torch.randn(b, heads, p, head_dim) for _ in past_names]
+    mask = torch.ones(b, p + t, dtype=torch.int64)
+    mask[0, :2] = 0  # a left-padded row
+    dynamic = {
+        first: {0: "batch", 1: "steps"},
+        "attention_mask": {0: "batch", 1: "total_steps"},
+        out: {0: "batch"},
+        **{name: {0: "batch", 2: "past_steps"} for name in past_names},
+        **{name: {0: "batch", 2: "steps"} for name in present_names},
+    }
+    return _export(
+        _Step(model),
+        (inputs, mask, *past),
+        path,
+        [first, "attention_mask", *past_names],
+        [out, *present_names],
+        dynamic,
+    )
+
+
+def export_calm(model: CALM, out_dir: str | Path) -> dict[str, Path]:
+    """Write CALM's backbone, sampler and encoder graphs into out_dir; returns name -> path."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    c = model.config
+    k, d = c.k, c.backbone.d_model
+    chunks = torch.randint(4, c.backbone.vocab_size, (2, 3, k))
+    paths = {
+        "calm_backbone": _export_step(
+            model, chunks, "chunks", "hidden", out_dir / GRAPH_FILES["calm_backbone"]
+        ),
+        "calm_sampler": _export(
+            _Sampler(model),
+            (torch.randn(2, d), torch.rand(2, 3, c.noise_dim) - 0.5),
+            out_dir / GRAPH_FILES["calm_sampler"],
+            ["hidden", "noise"],
+            ["latents", "tokens"],
+            {
+                "hidden": {0: "batch"},
+                "noise": {0: "batch", 1: "samples"},
+                "latents": {0: "batch", 1: "samples"},
+                "tokens": {0: "batch", 1: "samples"},
+            },
+        ),
+        "calm_encoder": _export(
+            _Encoder(model),
+            (chunks[:, 0],),
+            out_dir / GRAPH_FILES["calm_encoder"],
+            ["chunks"],
+            ["mean", "log_std"],
+            {"chunks": {0: "batch"}, "mean": {0: "batch"}, "log_std": {0: "batch"}},
+        ),
+    }
+    return paths
+
+
+def export_ar(model: ARModel, out_dir: str | Path) -> dict[str, Path]:
+    """Write the discrete baseline's step graph into out_dir; returns name -> path."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ids = torch.randint(4, model.config.backbone.vocab_size, (2, 3))
+    path = _export_step(model, ids, "input_ids", "logits", out_dir / GRAPH_FILES["ar_backbone"])
+    return {"ar_backbone": path}
+
+
+def quantize_int8(path: Path) -> Path:
+    """Dynamically quantised copy (int8 weights of MatMul/Gemm) beside the graph: x.onnx -> x.int8.onnx."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    target = path.with_suffix(".int8.onnx")
+    quantize_dynamic(path, target, weight_type=QuantType.QInt8)
+    onnx.checker.check_model(str(target), full_check=True)
+    return target
+
+
+def store_weights_float16(path: Path, min_elements: int = 1024) -> None:
+    """Store a graph's float32 weights as float16 (half the file), cast back on load.
+
+    Each weight tensor with >= min_elements elements becomes a float16 initializer feeding a
+    Cast to float32 under the weight's old name; onnxruntime folds these casts when the session
+    is created, so the arithmetic stays float32 and only the weights carry float16 rounding
+    (relative error <= 2^-11). For shipping a bundle inside a size budget.
+    """
+    model = onnx.load(str(path))
+    casts = []
+    for tensor in model.graph.initializer:
+        if tensor.data_type != onnx.TensorProto.FLOAT or np.prod(tensor.dims) < min_elements:
+            continue
+        name = tensor.name
+        half = numpy_helper.from_array(
+            numpy_helper.to_array(tensor).astype(np.float16), f"{name}.fp16"
+        )
+        tensor.CopyFrom(half)
+        casts.append(helper.make_node("Cast", [half.name], [name], to=onnx.TensorProto.FLOAT))
+    nodes = casts + list(model.graph.node)  # casts first: the graph stays topologically sorted
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    onnx.save(model, str(path))
+    onnx.checker.check_model(str(path), full_check=True)
+
+
+def _flops_line(config: CALMConfig | ARConfig) -> dict[str, float]:
+    """FLOPs per generated token = base + per_position * context positions (plain draws)."""
+    base = inference_flops_per_token(config, 0)
+    return {"base": base, "per_context_position": inference_flops_per_token(config, 1) - base}
+
+
+def export_bundle(
+    calm: CALM,
+    tokenizer_path: str | Path,
+    root: str | Path,
+    name: str,
+    version: str,
+    *,
+    ar: ARModel | None = None,
+    metrics: dict[str, Any] | None = None,
+    recipe: dict[str, Any] | None = None,
+    int8: bool = False,
+    ar_graphs: bool = True,
+    weights: Literal["float32", "float16"] = "float32",
+) -> Bundle:
+    """Export CALM (and its baseline) into the verified bundle `root/<name>-<version>/`.
+
+    `int8` adds dynamically quantised copies of the generation graphs. `ar_graphs=False` records
+    the baseline's config, FLOPs and metrics without its graph (the telemetry's counterfactual
+    needs only those). `weights="float16"` stores the float32 graphs' weights as float16
+    (`store_weights_float16`), halving the bundle.
+    """
+    tokenizer = Tokenizer.load(tokenizer_path)
+    c = calm.config
+    if tokenizer.vocab_size != c.backbone.vocab_size:
+        raise ValueError(
+            f"tokenizer has {tokenizer.vocab_size} ids, the model {c.backbone.vocab_size}"
+        )
+    if ar is not None and ar.config.backbone.vocab_size != c.backbone.vocab_size:
+        raise ValueError("CALM and the AR baseline must share the tokenizer's vocabulary")
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = export_calm(calm, tmp) | (export_ar(ar, tmp) if ar and ar_graphs else {})
+        quantized = {
+            f"{role}.int8": quantize_int8(path)
+            for role, path in paths.items()
+            if int8 and role != "calm_encoder"  # not on the generation path
+        }
+        if weights == "float16":
+            for path in paths.values():
+                store_weights_float16(path)
+        paths |= quantized
+        models = {"calm": config_to_dict(c)} | ({"ar": config_to_dict(ar.config)} if ar else {})
+        flops = {"calm": _flops_line(c)} | ({"ar": _flops_line(ar.config)} if ar else {})
+        fields = {
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "k": c.k,
+            "vocab_size": c.backbone.vocab_size,
+            "special_ids": {"pad": PAD_ID, "bos": BOS_ID, "eos": EOS_ID, "mask": MASK_ID},
+            "dims": {
+                "d_model": c.backbone.d_model,
+                "n_layers": c.backbone.n_layers,
+                "n_heads": c.backbone.n_heads,
+                "max_positions": c.backbone.max_seq_len,
+                "latent_dim": c.autoencoder.latent_dim,
+                "noise_dim": c.noise_dim,
+                "ae_d_model": c.autoencoder.d_model,
+            },
+            "models": models,
+            "weights": weights,
+            "flops_per_token": flops,
+            "metrics": metrics or {},
+            "recipe": recipe or {},
+            "exporter": {"torch": torch.__version__, "onnx_opset": OPSET, "onnx": onnx.__version__},
+        }
+        files = {p.name: p for p in paths.values()} | {"tokenizer.json": Path(tokenizer_path)}
+        graphs = {role: path.name for role, path in paths.items()}
+        return write_bundle(root, name, version, files, graphs, fields)
+
+
+@dataclass
+class TrainedModels:
+    """What a training run (pipeline/training, storage layout 1) hands to the exporter."""
+
+    calm: CALM
+    ar: ARModel | None
+    tokenizer_path: Path
+    metrics: dict[str, Any]
+    recipe: dict[str, Any]
+
+
+def load_training_run(run_dir: str | Path) -> TrainedModels:
+    """The final CALM (and AR baseline, if trained) of a run directory, with metrics and recipe.
+
+    Layout: run.json, tokenizer/tokenizer.json and <stage>/complete.json naming each stage's final
+    checkpoint (pipeline/training/storage.py).
+    """
+    run_dir = Path(run_dir)
+    if not (run_dir / "run.json").is_file():
+        raise FileNotFoundError(f"{run_dir} is not a training run directory (no run.json)")
+    markers = {
+        stage: json.loads((run_dir / stage / "complete.json").read_text())
+        for stage in ("tokenizer", "autoencoder", "calm", "ar")
+        if (run_dir / stage / "complete.json").is_file()
+    }
+    if "calm" not in markers:
+        raise FileNotFoundError(
+            f"{run_dir}: the calm stage is not complete (no calm/complete.json)"
+        )
+    models = {
+        stage: load_checkpoint(run_dir / markers[stage]["final_checkpoint"])
+        for stage in ("calm", "ar")
+        if stage in markers
+    }
+    recipe = {
+        "run": json.loads((run_dir / "run.json").read_text()),
+        "stages": {
+            stage: {k: marker[k] for k in ("steps", "workers", "wall_s", "cost") if k in marker}
+            for stage, marker in markers.items()
+        },
+    }
+    return TrainedModels(
+        calm=models["calm"],
+        ar=models.get("ar"),
+        tokenizer_path=run_dir / "tokenizer" / "tokenizer.json",
+        metrics={stage: marker.get("metrics", {}) for stage, marker in markers.items()},
+        recipe=recipe,
+    )
