@@ -1,5 +1,4 @@
 # calm-stream: every target sets up what it needs (venv, packages, Kafka jars) on its own.
-# `make demo` arrives with the streaming pipeline (issue 7); until then see README "Status".
 SHELL := /bin/bash
 PYTHON ?= python3.11
 VENV := .venv
@@ -7,13 +6,18 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: test test-unit test-integration venv kafka-jars lint clean
+.PHONY: demo test test-unit test-integration venv kafka-jars go-tools lint clean
+
+## demo: the embedded default: a local Kafka broker, a local Ray, simulated IoT and payment
+## streams and the shipped model bundle; prints results, throughput, cost and where the files are
+demo: $(STAMP) kafka-jars
+	$(VENV)/bin/calm-stream demo
 
 ## test: run every test (unit and integration) against a real Kafka broker and a real local Ray
-test: $(STAMP) kafka-jars
+test: $(STAMP) kafka-jars go-tools
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-test-unit: $(STAMP)
+test-unit: $(STAMP) go-tools
 	$(PY) -m pytest -m "not integration" $(PYTEST_ARGS)
 
 test-integration: $(STAMP) kafka-jars
@@ -32,6 +36,10 @@ $(STAMP): pyproject.toml
 ## kafka-jars: fetch Apache Kafka's broker jars from Maven Central into the user cache (once)
 kafka-jars: $(STAMP)
 	$(VENV)/bin/calm-stream kafka fetch
+
+## go-tools: build helm and kubeconform from their Go modules into the user cache (once)
+go-tools:
+	bash deploy/tools/install-go-tools.sh
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check model operators pipeline deploy tests

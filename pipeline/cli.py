@@ -15,6 +15,7 @@ from pipeline.cli_bench import bench_app
 from pipeline.cli_domain import corpus_app, eval_app, produce_app
 from pipeline.cli_kafka import kafka_app
 from pipeline.cli_model import export_command, generate_command
+from pipeline.cli_run import demo_command, report_command, run_command
 from pipeline.cli_train import train
 from pipeline.settings import (
     Settings,
@@ -37,6 +38,9 @@ app.add_typer(produce_app, name="produce")
 app.add_typer(corpus_app, name="corpus")
 app.add_typer(eval_app, name="eval")
 app.add_typer(bench_app, name="bench")
+app.command("demo")(demo_command)
+app.command("run")(run_command)
+app.command("report")(report_command)
 app.command("train")(train)
 app.command("export")(export_command)
 app.command("generate")(generate_command)

@@ -9,6 +9,7 @@ import typer
 from model.bench_sampling import main as bench_sampling_main
 from pipeline.bench_produce import print_bench_produce
 from pipeline.cli_model import bench_generate_command
+from pipeline.cli_run import bench_pipeline_command
 from pipeline.cli_train import reproduce
 from pipeline.embedded import kafka_or_local
 from pipeline.settings import kafka_client_options
@@ -37,4 +38,5 @@ def bench_sampling() -> None:
 
 
 bench_app.command("generate")(bench_generate_command)
+bench_app.command("pipeline")(bench_pipeline_command)
 bench_app.command("reproduce")(reproduce)

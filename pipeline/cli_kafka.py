@@ -50,20 +50,25 @@ def fetch() -> None:
             libs = local_kafka.fetch_jars()
     except KafkaBrokerError as error:
         raise _fail(str(error)) from None
-    console.print(f"Kafka {local_kafka.kafka_version()} broker jars: {libs}", highlight=False,
-                  soft_wrap=True)
+    console.print(
+        f"Kafka {local_kafka.kafka_version()} broker jars: {libs}", highlight=False, soft_wrap=True
+    )
 
 
 @kafka_app.command("start")
 def start(
     name: NameOption = "default",
     sasl_user: Annotated[
-        str | None, typer.Option(help="Also open a SASL_PLAINTEXT listener (PLAIN and "
-                                      "SCRAM-SHA-256) for this user.")
+        str | None,
+        typer.Option(
+            help="Also open a SASL_PLAINTEXT listener (PLAIN and SCRAM-SHA-256) for this user."
+        ),
     ] = None,
     sasl_password: Annotated[
-        str | None, typer.Option(help="Password of --sasl-user.",
-                                 envvar="CALM_STREAM_LOCAL_KAFKA_SASL_PASSWORD")
+        str | None,
+        typer.Option(
+            help="Password of --sasl-user.", envvar="CALM_STREAM_LOCAL_KAFKA_SASL_PASSWORD"
+        ),
     ] = None,
     timeout: Annotated[float, typer.Option(help="Seconds to wait until it serves.")] = 120.0,
     as_json: JsonOption = False,
@@ -85,10 +90,16 @@ def start(
     if as_json:
         print(json.dumps(asdict(state), indent=2))
         return
-    console.print(f"Kafka {state.kafka_version} broker {name!r} serves at {_describe(state)}, "
-                  f"pid {state.pid}", highlight=False)
-    console.print(f"export CALM_STREAM_KAFKA__BOOTSTRAP_SERVERS={state.bootstrap_servers}",
-                  highlight=False, soft_wrap=True)
+    console.print(
+        f"Kafka {state.kafka_version} broker {name!r} serves at {_describe(state)}, "
+        f"pid {state.pid}",
+        highlight=False,
+    )
+    console.print(
+        f"export CALM_STREAM_KAFKA__BOOTSTRAP_SERVERS={state.bootstrap_servers}",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 @kafka_app.command("status")
@@ -106,9 +117,17 @@ def status(name: NameOption = "default", as_json: JsonOption = False) -> None:
         raise typer.Exit(1)
     state = current.state
     if as_json:
-        print(json.dumps({**asdict(state), "running": current.running,
-                          "process_alive": current.process_alive,
-                          "port_open": current.port_open}, indent=2))
+        print(
+            json.dumps(
+                {
+                    **asdict(state),
+                    "running": current.running,
+                    "process_alive": current.process_alive,
+                    "port_open": current.port_open,
+                },
+                indent=2,
+            )
+        )
     else:
         table = Table(title=f"local Kafka broker {name!r}", show_header=False)
         table.add_column("field")
@@ -134,7 +153,9 @@ def status(name: NameOption = "default", as_json: JsonOption = False) -> None:
 @kafka_app.command("stop")
 def stop(
     name: NameOption = "default",
-    timeout: Annotated[float, typer.Option(help="Seconds of clean shutdown before SIGKILL.")] = 30.0,
+    timeout: Annotated[
+        float, typer.Option(help="Seconds of clean shutdown before SIGKILL.")
+    ] = 30.0,
 ) -> None:
     """Stop the local broker and delete its data (the next start is a fresh cluster)."""
     try:

@@ -66,7 +66,9 @@ class KafkaTopics(_Section):
     @classmethod
     def _legal_topic(cls, name: str) -> str:
         if not re.fullmatch(r"[A-Za-z0-9._-]{1,249}", name):
-            raise ValueError("a Kafka topic name is 1-249 characters of letters, digits, '.', '_' or '-'")
+            raise ValueError(
+                "a Kafka topic name is 1-249 characters of letters, digits, '.', '_' or '-'"
+            )
         return name
 
 
@@ -107,7 +109,9 @@ class KafkaSettings(_Section):
                 if getattr(self, name) is None
             ]
             if missing:
-                raise ValueError(f"security_protocol {self.security_protocol} needs {', '.join(missing)}")
+                raise ValueError(
+                    f"security_protocol {self.security_protocol} needs {', '.join(missing)}"
+                )
         return self
 
 
@@ -115,21 +119,27 @@ class RaySettings(_Section):
     # None starts (or joins, inside a Ray job) a local Ray; "auto" or ray://host:port joins a cluster.
     address: str | None = None
     num_cpus: int | None = Field(None, ge=1, description="CPUs of a locally started Ray")
-    object_store_memory_mb: int = Field(512, ge=78, description="object store of a locally started Ray")
+    object_store_memory_mb: int = Field(
+        512, ge=78, description="object store of a locally started Ray"
+    )
     source_actors: int = Field(1, ge=1, le=256)
     inference_actors: int = Field(1, ge=1, le=256)
     source_actor_cpus: float = Field(0.5, gt=0)
     inference_actor_cpus: float = Field(1.0, gt=0)
-    queue_max_batches: int = Field(8, ge=1, le=10_000, description="bound of each inter-actor queue")
+    queue_max_batches: int = Field(
+        8, ge=1, le=10_000, description="bound of each inter-actor queue"
+    )
 
 
 class ModelSettings(_Section):
-    registry: str = Field("bundles", min_length=1, description="directory or URI holding model bundles")
+    registry: str = Field(
+        "bundles", min_length=1, description="directory or URI holding model bundles"
+    )
     bundle_version: str = Field("latest", min_length=1)
     task: Literal["summarize", "generate"] = "summarize"
     temperature: float = Field(0.5, gt=0, le=1)
     sampler: Literal["exact", "approximate", "adaptive"] = "adaptive"
-    max_new_tokens: int = Field(96, ge=1, le=4096)
+    max_new_tokens: int = Field(128, ge=1, le=4096)
     batch_token_budget: int = Field(4096, ge=64)
     batch_latency_ms: int = Field(200, ge=1)
     intra_op_threads: int = Field(1, ge=1, le=256)
@@ -154,7 +164,9 @@ class WindowSettings(_Section):
 
 
 class SinkSettings(_Section):
-    root: str = Field("calm-stream-data", min_length=1, description="local path or pyarrow filesystem URI")
+    root: str = Field(
+        "calm-stream-data", min_length=1, description="local path or pyarrow filesystem URI"
+    )
     rotate_rows: int = Field(10_000, ge=1)
     rotate_seconds: float = Field(60, gt=0)
 
@@ -170,7 +182,9 @@ class PricingSettings(_Section):
     def _priced(self) -> PricingSettings:
         if self.node_type not in self.node_price_per_hour:
             known = ", ".join(sorted(self.node_price_per_hour))
-            raise ValueError(f"node_type {self.node_type!r} has no price in node_price_per_hour ({known})")
+            raise ValueError(
+                f"node_type {self.node_type!r} has no price in node_price_per_hour ({known})"
+            )
         if any(price < 0 for price in self.node_price_per_hour.values()):
             raise ValueError("node prices must not be negative")
         return self
@@ -273,7 +287,9 @@ def _is_dict_entry(name: str, known: set[str]) -> bool:
     return any(name.startswith(k + ENV_NESTED_DELIMITER) for k in known)
 
 
-def setting_paths(model: type[BaseModel] = Settings, prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
+def setting_paths(
+    model: type[BaseModel] = Settings, prefix: tuple[str, ...] = ()
+) -> Iterator[tuple[str, ...]]:
     """Every leaf setting as a path such as ('kafka', 'topics', 'dlq')."""
     for name, field in model.model_fields.items():
         annotation = field.annotation
@@ -283,7 +299,9 @@ def setting_paths(model: type[BaseModel] = Settings, prefix: tuple[str, ...] = (
             yield prefix + (name,)
 
 
-def load_settings(config_file: Path | str | None = None, overrides: Mapping[str, Any] | None = None) -> Settings:
+def load_settings(
+    config_file: Path | str | None = None, overrides: Mapping[str, Any] | None = None
+) -> Settings:
     """Build the settings from defaults, file, environment and flags, or fail naming the setting."""
     unknown = _unknown_env_vars()
     if unknown:
@@ -327,7 +345,12 @@ def value_sources(
     """Where each leaf setting's effective value came from: flag, env, file or default."""
     layers: list[tuple[str, Mapping[str, Any]]] = [
         ("flag", dict(overrides or {})),
-        ("env", EnvSettingsSource(Settings, env_prefix=ENV_PREFIX, env_nested_delimiter=ENV_NESTED_DELIMITER)()),
+        (
+            "env",
+            EnvSettingsSource(
+                Settings, env_prefix=ENV_PREFIX, env_nested_delimiter=ENV_NESTED_DELIMITER
+            )(),
+        ),
     ]
     path = _config_path(config_file)
     if path is not None:
@@ -371,7 +394,9 @@ def kafka_client_options(kafka: KafkaSettings) -> dict[str, Any]:
                 "ssl_cafile": str(kafka.ssl_cafile) if kafka.ssl_cafile else None,
                 "ssl_certfile": str(kafka.ssl_certfile) if kafka.ssl_certfile else None,
                 "ssl_keyfile": str(kafka.ssl_keyfile) if kafka.ssl_keyfile else None,
-                "ssl_password": kafka.ssl_password.get_secret_value() if kafka.ssl_password else None,
+                "ssl_password": kafka.ssl_password.get_secret_value()
+                if kafka.ssl_password
+                else None,
             }
         )
     return options

@@ -1,25 +1,42 @@
-"""A Kafka consumer inside a Ray actor that feeds a bounded queue and commits only acknowledged work.
+"""Kafka consumers inside Ray actors that feed a bounded queue and commit only durable work.
 
-The source never commits on its own: downstream actors acknowledge each batch once what was derived
-from it is durable, and the source commits, per partition, the offset after the longest prefix of
-batches that are all acknowledged. When the queue is full the source pauses its partitions (and keeps
-polling, so the group does not think it died): a slow model slows consumption instead of growing
-memory.
+A `KafkaSourceActor` polls its share of the partitions of a consumer group and hands what a
+`Stage` makes of the records to a bounded `ray.util.queue.Queue`. The source never commits on its
+own judgement: downstream actors acknowledge work (by calling `acknowledge`, or through an acks
+queue) once what was derived from
+it is durable, and the stage says, per partition, which offset is safe to commit (with metadata
+to resume from). When the queue is full the source pauses its partitions and keeps polling, so the
+group does not think it died: a slow consumer slows consumption instead of growing memory.
+
+Rebalances: a revoked partition's safe offset is committed before it is given up (the listener
+runs on kafka-python's IO thread and awaits the commit); a newly assigned partition is handed to
+the stage, with its committed offset and metadata, before its first records are processed.
+
+Two stages exist: `BatchStage` here (each poll becomes one `Batch`, committed once acknowledged)
+and `pipeline.processing.WindowStage` (the streaming pipeline's decode/window/render).
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
+import resource
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from queue import SimpleQueue
+from typing import Any, Protocol
 
 import ray
 from kafka import KafkaConsumer
+from kafka.consumer.subscription_state import AsyncConsumerRebalanceListener
+from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata, TopicPartition
-from ray.util.queue import Full, Queue
+from ray.util.queue import Empty, Full, Queue
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -32,9 +49,43 @@ class SourceRecord:
     timestamp_ms: int
 
 
+@dataclass
+class Work:
+    """What a stage made of some records: queue items, in order, and dead letters."""
+
+    items: list[Any] = field(default_factory=list)
+    dead_letters: list[Any] = field(default_factory=list)
+
+
+class Stage(Protocol):
+    """The per-source processing between the consumer and the queue."""
+
+    def assign(self, tp: TopicPartition, committed: OffsetAndMetadata | None) -> None: ...
+
+    def revoke(self, tp: TopicPartition) -> None: ...
+
+    def process(self, records: list[SourceRecord]) -> Work: ...
+
+    def end_of_input(self) -> Work: ...
+
+    def acknowledge(self, ack: Any) -> None: ...
+
+    def commit_points(self) -> dict[TopicPartition, OffsetAndMetadata]: ...
+
+    def pending(self) -> int: ...
+
+    def stats(self) -> dict[str, Any]: ...
+
+
+class DeadLetterSink(Protocol):
+    def send(self, letters: list[Any]) -> None: ...
+
+    def flush(self) -> None: ...
+
+
 @dataclass(frozen=True)
 class Batch:
-    """Records polled together, decoded, with the offsets that become committable once acknowledged."""
+    """Records polled together, decoded, with the offsets committable once it is acknowledged."""
 
     batch_id: int
     records: list[SourceRecord]
@@ -47,9 +98,89 @@ def _identity(value: bytes) -> Any:
     return value
 
 
-@ray.remote
+class BatchStage:
+    """Each poll becomes one `Batch`, acknowledged by its id; a partition's safe offset is the
+    first offset of its oldest unacknowledged batch, or the next offset to read."""
+
+    def __init__(self, decode: Callable[[bytes], Any] = _identity) -> None:
+        self._decode = decode
+        self._ids = itertools.count()
+        self._in_flight: OrderedDict[int, dict[TopicPartition, int]] = (
+            OrderedDict()
+        )  # id -> first offsets
+        self._next: dict[TopicPartition, int] = {}
+
+    def assign(self, tp: TopicPartition, committed: OffsetAndMetadata | None) -> None:
+        self._next.pop(tp, None)
+
+    def revoke(self, tp: TopicPartition) -> None:
+        self._next.pop(tp, None)
+        for firsts in self._in_flight.values():
+            firsts.pop(tp, None)
+
+    def process(self, records: list[SourceRecord]) -> Work:
+        batch = Batch(next(self._ids), records, [self._decode(r.value) for r in records])
+        firsts: dict[TopicPartition, int] = {}
+        for r in records:
+            tp = TopicPartition(r.topic, r.partition)
+            firsts.setdefault(tp, r.offset)
+            self._next[tp] = r.offset + 1
+            batch.next_offsets[(r.topic, r.partition)] = r.offset + 1
+        self._in_flight[batch.batch_id] = firsts
+        return Work(items=[batch])
+
+    def end_of_input(self) -> Work:
+        return Work()
+
+    def acknowledge(self, batch_id: int) -> None:
+        self._in_flight.pop(batch_id, None)
+
+    def commit_points(self) -> dict[TopicPartition, OffsetAndMetadata]:
+        points = dict(self._next)
+        for firsts in reversed(self._in_flight.values()):  # oldest batch last: it wins
+            points.update((tp, offset) for tp, offset in firsts.items() if tp in points)
+        return {tp: OffsetAndMetadata(offset, "", -1) for tp, offset in points.items()}
+
+    def pending(self) -> int:
+        return len(self._in_flight)
+
+    def stats(self) -> dict[str, Any]:
+        return {}
+
+
+class _Rebalance(AsyncConsumerRebalanceListener):
+    """Commit what is safe before partitions go; forget them; pause new ones under backpressure."""
+
+    def __init__(self, source: KafkaSourceActor) -> None:
+        self.source = source
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        # Until the group hands out partitions again, an empty assignment means "rebalancing",
+        # not "nothing to read": the end of the input cannot be detected in between.
+        self.source._joined = False
+        self.source.stats["revoked"] += len(revoked)
+        offsets = self.source._safe_offsets(revoked)
+        if offsets:
+            try:
+                await self.source._consumer.commit_async(offsets)
+                self.source._committed.update((tp, o.offset) for tp, o in offsets.items())
+            except KafkaError as error:  # the next owner replays from the older commit
+                log.warning("commit on revocation failed: %r", error)
+        self.source._forget(revoked)
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        self.source._joined = True
+        if self.source._paused_at is not None and assigned:
+            self.source._consumer.pause(*assigned)
+
+    async def on_partitions_lost(self, lost: set[TopicPartition]) -> None:
+        self.source._joined = False
+        self.source._forget(lost)  # evicted: committing would fail, the next owner replays
+
+
+@ray.remote(max_concurrency=2)  # `stop` and `stats` are served while `run` loops
 class KafkaSourceActor:
-    """Polls `topics` in consumer group `group_id` and puts decoded `Batch`es on `out`."""
+    """Polls `topics` in consumer group `group_id` and puts the stage's work on `out`."""
 
     def __init__(
         self,
@@ -57,43 +188,105 @@ class KafkaSourceActor:
         group_id: str,
         client_options: dict[str, Any],
         out: Queue,
-        acks: Queue,
+        acks: Queue | None = None,
         decode: Callable[[bytes], Any] = _identity,
         max_records: int = 500,
         poll_timeout_ms: int = 200,
+        stage: Stage | None = None,
+        dead_letters: Callable[[], DeadLetterSink] | None = None,
+        report: Callable[[str, dict[str, Any]], None] | None = None,
+        name: str = "source",
+        commit_interval_s: float = 0.2,
+        group_instance_id: str | None = None,
     ) -> None:
+        self._out, self._acks = out, acks
+        self._acked: SimpleQueue[Any] = SimpleQueue()  # filled by `acknowledge` on another thread
+        self._stage: Stage = stage if stage is not None else BatchStage(decode)
+        self._dead_letters = dead_letters() if dead_letters is not None else None
+        self._report, self.name = report, name
+        self._max_records, self._poll_timeout_ms = max_records, poll_timeout_ms
+        self._commit_interval_s = commit_interval_s
+        self._stopping = threading.Event()
+        self._joined = False
+        self._paused_at: float | None = None
+        self._known: set[TopicPartition] = set()  # partitions the stage has been given
+        self._next: dict[TopicPartition, int] = {}
+        self._committed: dict[TopicPartition, int] = {}
+        self._stash: list[SourceRecord] = []  # polled while paused (a rebalance added partitions)
+        self._last_commit = self._last_report = 0.0
+        self.stats = {"records": 0, "batches": 0, "commits": 0, "revoked": 0, "paused_seconds": 0.0}
+        # A static member (`group_instance_id`) that restarts takes its partitions back at once
+        # instead of waiting for the group to expire its predecessor, and fences that one out.
         self._consumer = KafkaConsumer(
-            *topics,
             group_id=group_id,
+            group_instance_id=group_instance_id,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             **client_options,
         )
-        self._out, self._acks, self._decode = out, acks, decode
-        self._max_records, self._poll_timeout_ms = max_records, poll_timeout_ms
-        self._batch_ids = itertools.count()
-        self._in_flight: OrderedDict[int, Batch] = OrderedDict()
-        self._acked: set[int] = set()
-        self.stats = {"records": 0, "batches": 0, "commits": 0, "paused_seconds": 0.0}
+        self._consumer.subscribe(topics, listener=_Rebalance(self))
 
-    def run(self, max_idle_seconds: float = 5.0, max_records: int | None = None) -> dict[str, Any]:
-        """Consume until no record arrived for `max_idle_seconds` (or `max_records` were read),
-        then wait for every batch in flight to be acknowledged and commit it."""
-        last_record = time.monotonic()
-        while time.monotonic() - last_record < max_idle_seconds:
+    # ------------------------------------------------------------------ public
+
+    def run(
+        self,
+        max_idle_seconds: float | None = 5.0,
+        max_records: int | None = None,
+        flush_at_end: bool = False,
+        drain_timeout_s: float = 120.0,
+        close_at_end: bool = False,
+    ) -> dict[str, Any]:
+        """Consume until `stop()`, or until the input looks exhausted: no record for
+        `max_idle_seconds` with every assigned partition read to its end (or `max_records`
+        read). Then fire what the stage still holds (`flush_at_end`: the input is over), wait for
+        every item in flight to be acknowledged, and commit; with `close_at_end`, close the
+        consumer."""
+        idle_since, clock = time.monotonic(), self.stats  # `clock`: the wall-clock marks below
+        while not self._stopping.is_set():
             if max_records is not None and self.stats["records"] >= max_records:
                 break
-            self._commit_acknowledged()
-            polled = self._consumer.poll(timeout_ms=self._poll_timeout_ms, max_records=self._max_records)
-            if not polled:
-                continue
-            last_record = time.monotonic()
-            self._hand_over(self._batch(polled))
-        self._drain(timeout_seconds=max(60.0, max_idle_seconds))
-        return dict(self.stats)
+            self._acknowledge()
+            self._commit()
+            self._maybe_report()
+            records = self._poll(self._poll_timeout_ms)
+            if records:
+                idle_since = time.monotonic()
+                clock.setdefault("first_record_at", time.time())
+                self._hand_over(self._stage.process(records))
+                clock["last_record_at"] = time.time()
+            elif (
+                max_idle_seconds is not None
+                and time.monotonic() - idle_since >= max_idle_seconds
+                and self._caught_up()
+            ):
+                break
+        # Wall-clock marks for benchmarks: the idle wait that detected the end is not work.
+        clock["idle_wait_s"] = (
+            time.monotonic() - idle_since if max_idle_seconds is not None else 0.0
+        )
+        if flush_at_end and not self._stopping.is_set():
+            self._hand_over(self._stage.end_of_input())
+        self._drain(drain_timeout_s)
+        clock["finished_at"] = time.time()
+        self._maybe_report(force=True)
+        snapshot = self.snapshot()
+        if close_at_end:
+            self.close()
+        return snapshot
+
+    def stop(self) -> None:
+        """Stop polling; `run` then drains what is in flight, commits and returns."""
+        self._stopping.set()
+
+    def acknowledge(self, ack: Any) -> None:
+        """Downstream: the work `ack` names is durable (handed to the stage by `run`'s thread)."""
+        self._acked.put(ack)
 
     def close(self) -> None:
+        """Leave the group (idempotent); everything committed stays committed."""
         self._consumer.close(autocommit=False)
+        if self._dead_letters is not None:
+            self._dead_letters.flush()
 
     def committed(self) -> dict[str, int]:
         """Committed offset per `topic:partition`, as the broker reports it."""
@@ -102,51 +295,145 @@ class KafkaSourceActor:
             for tp in sorted(self._consumer.assignment())
         }
 
-    def _batch(self, polled: dict[TopicPartition, list[Any]]) -> Batch:
-        records = [
-            SourceRecord(m.topic, m.partition, m.offset, m.key, m.value, m.timestamp)
-            for messages in polled.values()
-            for m in messages
-        ]
-        next_offsets = {(tp.topic, tp.partition): messages[-1].offset + 1 for tp, messages in polled.items()}
-        self.stats["records"] += len(records)
-        self.stats["batches"] += 1
-        return Batch(next(self._batch_ids), records, [self._decode(r.value) for r in records], next_offsets)
+    def snapshot(self) -> dict[str, Any]:
+        lag = {}
+        for tp, position in self._next.items():
+            highwater = self._consumer.highwater(tp)
+            if highwater is not None:
+                lag[f"{tp.topic}:{tp.partition}"] = max(0, highwater - position)
+        stage = self._stage.stats()
+        return {
+            **self.stats,
+            **stage,
+            "duplicates": stage.get("duplicates", 0),
+            "open_windows": stage.get("open_windows", 0),
+            "lag": lag,
+            "committed": {f"{tp.topic}:{tp.partition}": o for tp, o in self._committed.items()},
+            "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        }
 
-    def _hand_over(self, batch: Batch) -> None:
-        self._in_flight[batch.batch_id] = batch
-        paused_at = None
+    # ------------------------------------------------------------------ loop parts
+
+    def _poll(self, timeout_ms: int) -> list[SourceRecord]:
+        if self._stash:
+            records, self._stash = self._stash, []
+            return [r for r in records if TopicPartition(r.topic, r.partition) in self._known]
+        polled = self._consumer.poll(timeout_ms=timeout_ms, max_records=self._max_records)
+        records = []
+        for tp, messages in polled.items():
+            if tp not in self._known:
+                # A new assignment: the stage resumes from the committed offset and its metadata.
+                self._stage.assign(tp, self._consumer.committed(tp, metadata=True))
+                self._known.add(tp)
+            records += [
+                SourceRecord(m.topic, m.partition, m.offset, m.key, m.value, m.timestamp)
+                for m in messages
+            ]
+            self._next[tp] = messages[-1].offset + 1
+        if records:
+            self.stats["records"] += len(records)
+            self.stats["batches"] += 1
+        return records
+
+    def _hand_over(self, work: Work) -> None:
+        if work.dead_letters:
+            if self._dead_letters is None:
+                raise RuntimeError("the stage produced dead letters but the source has no DLQ")
+            self._dead_letters.send(work.dead_letters)
+        for item in work.items:
+            self._put(item)
+
+    def _put(self, item: Any) -> None:
         while True:
             try:
-                self._out.put(batch, timeout=self._poll_timeout_ms / 1000)
+                self._out.put(item, timeout=self._poll_timeout_ms / 1000)
                 break
             except Full:
                 # Backpressure: stop fetching but keep the group membership alive.
-                if paused_at is None:
-                    paused_at = time.monotonic()
-                    self._consumer.pause(*self._consumer.assignment())
-                self._consumer.poll(timeout_ms=0)
-                self._commit_acknowledged()
-        if paused_at is not None:
+                if self._paused_at is None:
+                    self._paused_at = time.monotonic()
+                self._consumer.pause(*self._consumer.assignment())
+                self._stash += self._poll(0)
+                self._acknowledge()
+                self._commit()
+                self._maybe_report()
+        if self._paused_at is not None:
             self._consumer.resume(*self._consumer.paused())
-            self.stats["paused_seconds"] += time.monotonic() - paused_at
+            self.stats["paused_seconds"] += time.monotonic() - self._paused_at
+            self._paused_at = None
 
-    def _commit_acknowledged(self) -> None:
-        while not self._acks.empty():
-            self._acked.add(self._acks.get_nowait())
-        offsets: dict[TopicPartition, OffsetAndMetadata] = {}
-        # Only the prefix of batches that are all acknowledged may be committed, in order.
-        while self._in_flight and next(iter(self._in_flight)) in self._acked:
-            batch_id, batch = self._in_flight.popitem(last=False)
-            self._acked.discard(batch_id)
-            for (topic, partition), offset in batch.next_offsets.items():
-                offsets[TopicPartition(topic, partition)] = OffsetAndMetadata(offset, "", -1)
-        if offsets:
+    def _acknowledge(self) -> None:
+        while not self._acked.empty():
+            self._stage.acknowledge(self._acked.get())
+        while self._acks is not None:
+            try:
+                self._stage.acknowledge(self._acks.get_nowait())
+            except Empty:
+                return
+
+    def _commit(self, force: bool = False) -> None:
+        if not force and time.monotonic() - self._last_commit < self._commit_interval_s:
+            return
+        self._last_commit = time.monotonic()
+        offsets = self._safe_offsets(self._known)
+        if not offsets:
+            return
+        try:
             self._consumer.commit(offsets)
-            self.stats["commits"] += 1
+        except KafkaError as error:  # a rebalance is under way; its listener commits
+            log.warning("commit failed: %r", error)
+            return
+        self._committed.update((tp, o.offset) for tp, o in offsets.items())
+        self.stats["commits"] += 1
 
-    def _drain(self, timeout_seconds: float) -> None:
-        deadline = time.monotonic() + timeout_seconds
-        while self._in_flight and time.monotonic() < deadline:
-            self._commit_acknowledged()
+    def _safe_offsets(
+        self, partitions: set[TopicPartition]
+    ) -> dict[TopicPartition, OffsetAndMetadata]:
+        """Offsets that moved past the last commit, made safe to commit: acks read, DLQ flushed."""
+        self._acknowledge()
+        points = self._stage.commit_points()
+        offsets = {
+            tp: point
+            for tp, point in points.items()
+            if tp in partitions and point.offset > self._committed.get(tp, -1)
+        }
+        if offsets and self._dead_letters is not None:
+            self._dead_letters.flush()  # dead letters below the offsets must be in their topic
+        return offsets
+
+    def _forget(self, partitions: set[TopicPartition]) -> None:
+        for tp in partitions:
+            self._stage.revoke(tp)
+            self._known.discard(tp)
+            self._next.pop(tp, None)
+            self._committed.pop(tp, None)
+
+    def _caught_up(self) -> bool:
+        if not self._joined:
+            return False
+        assigned = self._consumer.assignment()
+        if not assigned:
+            return True
+        ends = self._consumer.end_offsets(list(assigned))
+        return all(self._consumer.position(tp) >= ends[tp] for tp in assigned)
+
+    def _drain(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while self._stage.pending() and time.monotonic() < deadline:
+            self._acknowledge()
+            self._commit()
             time.sleep(0.05)
+        if self._stage.pending():
+            log.warning(
+                "%s: %d items still unacknowledged after %.0f s; their offsets stay uncommitted",
+                self.name,
+                self._stage.pending(),
+                timeout_s,
+            )
+        self._commit(force=True)
+
+    def _maybe_report(self, force: bool = False) -> None:
+        if self._report is None or (not force and time.monotonic() - self._last_report < 1.0):
+            return
+        self._last_report = time.monotonic()
+        self._report(self.name, self.snapshot())

@@ -1,0 +1,152 @@
+"""`calm-stream run`, `calm-stream demo` and `calm-stream bench pipeline`.
+
+`pipeline.cli` registers them:
+
+    app.command("run")(run_command)
+    app.command("demo")(demo_command)
+    app.command("report")(report_command)
+    bench_app.command("pipeline")(bench_pipeline_command)   # in pipeline/cli_bench.py
+
+Settings come from the root command's state (`ctx.find_root().obj.settings()`). The heavy
+modules are imported inside the commands, so that `--help` and the other commands stay fast.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+console = Console(stderr=True)
+
+
+def run_command(
+    ctx: typer.Context,
+    passthrough: Annotated[
+        bool,
+        typer.Option("--passthrough", help="Switch the model off: stream, windows and sinks only."),
+    ] = False,
+    until_idle: Annotated[
+        float | None,
+        typer.Option(
+            "--until-idle",
+            min=0.1,
+            help="Bounded input: stop once every partition is read to its end "
+            "and quiet for this many seconds, firing the open windows first.",
+        ),
+    ] = None,
+) -> None:
+    """Run the streaming pipeline from the settings until SIGTERM/SIGINT (drain, flush, commit)."""
+    from model.bundle import BundleError
+    from pipeline.job import JobOptions, run_pipeline
+    from pipeline.ray_runtime import init_ray
+    from pipeline.settings import SettingsError
+    from pipeline.sinks import SinkError
+
+    settings = ctx.find_root().obj.settings()
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("pipeline").setLevel(logging.INFO)
+    stop = threading.Event()
+    try:
+        init_ray(settings.ray)  # ray.init installs a SIGTERM handler of its own: ours goes on top
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: stop.set())
+        report = run_pipeline(
+            settings, JobOptions(passthrough=passthrough, until_idle_s=until_idle), stop
+        )
+    except (SettingsError, BundleError, SinkError) as error:
+        console.print(f"[bold red]error:[/] {error}", highlight=False)
+        raise typer.Exit(2) from None
+    print(
+        json.dumps(
+            {
+                "seconds": round(report.seconds, 2),
+                "records": report.records,
+                "tokens_out": report.tokens_out,
+                "sink": report.sink,
+                "paths": report.paths,
+            }
+        )
+    )
+
+
+def demo_command(
+    ctx: typer.Context,
+    iot_events: Annotated[
+        int | None, typer.Option(min=1, help="Simulated IoT readings to send (default: 1600).")
+    ] = None,
+    transaction_events: Annotated[
+        int | None, typer.Option(min=1, help="Simulated payments to send (default: 160).")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Simulator seed.")] = 0,
+) -> None:
+    """The embedded default: local broker (unless one is configured), local Ray, simulated IoT
+    and payment streams, the shipped bundle; prints results, throughput, cost and file paths."""
+    from dataclasses import replace
+
+    from pipeline.demo import DemoPlan, run_demo
+
+    given = {"iot_events": iot_events, "transaction_events": transaction_events, "seed": seed}
+    plan = replace(
+        DemoPlan(), **{name: value for name, value in given.items() if value is not None}
+    )
+    run_demo(ctx.find_root().obj.settings(), plan)
+
+
+def report_command(
+    ctx: typer.Context,
+    root: Annotated[
+        str | None,
+        typer.Argument(help="A sink root, e.g. a demo run's directory (default: sinks.root)."),
+    ] = None,
+) -> None:
+    """What a sink root holds, from its Parquet files: rows, tokens, steps, $ per 1k tokens next to
+    the discrete baseline's, latency percentiles, dead letters by reason. Prints JSON."""
+    from pipeline.report import sink_report
+    from pipeline.sinks import SinkError, local_root
+
+    try:
+        path = local_root(root or ctx.find_root().obj.settings().sinks.root)
+    except SinkError as error:
+        console.print(f"[bold red]error:[/] {error}", highlight=False)
+        raise typer.Exit(2) from None
+    if not path.is_dir():
+        console.print(f"[bold red]error:[/] no sink root at {path}", highlight=False)
+        raise typer.Exit(2)
+    print(json.dumps(sink_report(path), indent=2))
+
+
+def bench_pipeline_command(
+    ctx: typer.Context,
+    events: Annotated[int, typer.Option(min=100, help="Simulated events in the backlog.")] = 20_000,
+    model_events: Annotated[
+        int, typer.Option(min=100, help="Events of the backlog the model phases read.")
+    ] = 2_000,
+    live_seconds: Annotated[
+        float, typer.Option(min=5, help="Length of the paced latency run.")
+    ] = 30.0,
+    seed: Annotated[int, typer.Option(help="Simulator seed.")] = 0,
+) -> None:
+    """End-to-end events/s and tokens/s beside kafka-python's raw consume rate and the
+    standalone engine's tokens/s on the same prompts; latency and memory per actor. JSON."""
+    from pipeline.bench_pipeline import bench_pipeline
+    from pipeline.embedded import kafka_or_local
+
+    with kafka_or_local(ctx.find_root().obj.settings()) as settings:
+        print(
+            json.dumps(
+                bench_pipeline(
+                    settings,
+                    events=events,
+                    model_events=model_events,
+                    live_seconds=live_seconds,
+                    seed=seed,
+                ),
+                indent=2,
+            )
+        )

@@ -1,0 +1,87 @@
+"""Dead letters: to their Kafka topic with the original bytes, and mirrored to the `dlq/` dataset.
+
+A dead letter keeps the record's key and value byte for byte; why it was rejected and where it
+came from travel as headers (`calm.error.reason`, `calm.error.field`, `calm.error.message`,
+`calm.source.topic`, `calm.source.partition`, `calm.source.offset`), the convention of Kafka
+Connect's DLQ. The source flushes the producer before it commits an offset past a dead letter;
+the sink acknowledges the Parquet copy like a result row (keyed by topic/partition/offset, so a
+replay does not add a second copy there; the topic may receive one, Kafka being at-least-once).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ray
+from kafka import KafkaProducer
+
+from operators.events import from_millis
+from pipeline.processing import DeadLetter
+
+MAX_WRITES_IN_FLIGHT = 4
+
+
+def headers(letter: DeadLetter) -> list[tuple[str, bytes]]:
+    record = letter.record
+    return [
+        ("calm.error.reason", letter.reason.encode()),
+        ("calm.error.field", (letter.field or "").encode()),
+        ("calm.error.message", letter.message.encode()),
+        ("calm.source.topic", record.topic.encode()),
+        ("calm.source.partition", str(record.partition).encode()),
+        ("calm.source.offset", str(record.offset).encode()),
+    ]
+
+
+def dead_letter_row(letter: DeadLetter) -> dict[str, Any]:
+    record = letter.record
+    return {
+        "key": letter.key,
+        "topic": record.topic,
+        "partition": record.partition,
+        "offset": record.offset,
+        "timestamp": from_millis(max(record.timestamp_ms, 0)),
+        "message_key": record.key,
+        "value": record.value,
+        "reason": letter.reason,
+        "field": letter.field,
+        "message": letter.message,
+        "routed_to": letter.routed_to,
+    }
+
+
+class DeadLetterWriter:
+    """Built inside a source actor (a producer does not travel between processes)."""
+
+    def __init__(
+        self, client_options: dict[str, Any], sink: ray.actor.ActorHandle, origin: int
+    ) -> None:
+        self._producer = KafkaProducer(**client_options, acks="all", linger_ms=5)
+        self._sink, self._origin = sink, origin
+        self._errors: list[BaseException] = []
+        self._writes: list[ray.ObjectRef] = []
+
+    def send(self, letters: list[DeadLetter]) -> None:
+        for letter in letters:
+            record = letter.record
+            self._producer.send(
+                letter.routed_to, key=record.key, value=record.value, headers=headers(letter)
+            ).add_errback(self._errors.append)
+        self._writes.append(
+            self._sink.write.remote(
+                dead_letters=[(self._origin, dead_letter_row(letter)) for letter in letters]
+            )
+        )
+        if len(self._writes) > MAX_WRITES_IN_FLIGHT:  # bounded: a flood of bad input waits here
+            done, self._writes = ray.wait(
+                self._writes, num_returns=len(self._writes) - MAX_WRITES_IN_FLIGHT
+            )
+            ray.get(done)
+
+    def flush(self) -> None:
+        """Block until every dead letter sent so far is acknowledged by its topic."""
+        self._producer.flush()
+        if self._errors:
+            raise RuntimeError(
+                f"{len(self._errors)} dead letters could not be sent; first: {self._errors[0]!r}"
+            )

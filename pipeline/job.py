@@ -1,0 +1,230 @@
+"""The streaming job: source actors -> bounded queue -> inference actors -> sink, on one Ray.
+
+`run_pipeline` starts every actor from the settings, waits, and shuts down in the order that
+keeps the delivery promise: sources stop polling and wait until everything they handed over is
+durable (inference and sink keep running meanwhile), commit, and leave; then the inference actors
+finish their batch in hand; then the sink commits its buffers and releases its root. Open windows
+are not fired on a stop: they hold the committed offsets back and are rebuilt on the next start.
+With `until_idle_s` the input is bounded: each source stops once its partitions are read to the
+end and quiet for that long, and fires its open windows first (the input is over).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import ray
+from kafka.admin import KafkaAdminClient, NewTopic
+from kafka.errors import TopicAlreadyExistsError
+from ray.util.queue import Queue
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from model.bundle import Registry
+from operators.windows import WindowSpec
+from pipeline.dlq import DeadLetterWriter
+from pipeline.inference import InferenceActor
+from pipeline.metrics import MetricsReporter
+from pipeline.processing import FlowConfig, WindowStage
+from pipeline.ray_runtime import init_ray
+from pipeline.settings import Settings, kafka_client_options
+from pipeline.sinks import SinkActor, local_root
+from pipeline.source import KafkaSourceActor
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class JobOptions:
+    passthrough: bool = False  # the model switched off: stream, windows and sinks only
+    until_idle_s: float | None = None  # bounded input: stop once read to the end and quiet
+    slowdown_s: float = 0.0  # extra seconds per inference batch (tests of backpressure)
+    reload_check_s: float = 2.0  # how often inference actors look at the registry's `latest`
+    drain_timeout_s: float = 300.0
+
+
+@dataclass
+class JobReport:
+    seconds: float
+    sources: list[dict[str, Any]]
+    inference: list[dict[str, Any]]
+    sink: dict[str, int]
+    paths: dict[str, str]
+    # (newest Kafka record of the window, row committed), epoch seconds, per result row
+    commit_times: list[tuple[float, float]] = field(default_factory=list)
+
+    @property
+    def records(self) -> int:
+        return sum(s["records"] for s in self.sources)
+
+    @property
+    def tokens_out(self) -> int:
+        return sum(i["tokens_out"] for i in self.inference)
+
+    @property
+    def processing_seconds(self) -> float:
+        """From the first record polled to the last commit, minus the quiet time that detected
+        the end of a bounded input (the slowest source decides)."""
+        starts = [s["first_record_at"] for s in self.sources if "first_record_at" in s]
+        if not starts:
+            return float("nan")
+        return max(s["finished_at"] - s["idle_wait_s"] for s in self.sources) - min(starts)
+
+
+def window_spec(settings: Settings) -> WindowSpec:
+    w = settings.windows
+    return WindowSpec.from_seconds(
+        w.size_seconds, w.slide_seconds, w.watermark_delay_seconds, w.allowed_lateness_seconds
+    )
+
+
+def ensure_topics(settings: Settings, names: list[str], partitions: int = 1) -> None:
+    """Create the topics that do not exist yet (the dead-letter and late topics, the demo's)."""
+    admin = KafkaAdminClient(**kafka_client_options(settings.kafka))
+    try:
+        missing = set(names) - set(admin.list_topics())
+        for name in sorted(missing):
+            try:
+                admin.create_topics([NewTopic(name, partitions, 1)])
+            except TopicAlreadyExistsError:
+                pass
+    finally:
+        admin.close()
+
+
+def node_shares(nodes: list[str]) -> list[float]:
+    """Each inference actor's share of its node: the node's price is spread over its actors."""
+    counts = Counter(nodes)
+    return [1.0 / counts[node] for node in nodes]
+
+
+def run_pipeline(
+    settings: Settings, options: JobOptions = JobOptions(), stop: threading.Event | None = None
+) -> JobReport:
+    """Run until `stop` is set (or the bounded input is done); see the module docstring."""
+    client = kafka_client_options(settings.kafka)
+    local_root(settings.sinks.root)  # a sink root that cannot work fails here, not in the actor
+    if not options.passthrough:  # a missing or broken bundle fails here, not inside an actor
+        registry = Registry(settings.model.registry)
+        registry.open(registry.resolve(settings.model.bundle_version))
+    init_ray(settings.ray)
+    topics = settings.kafka.topics
+    ensure_topics(settings, [topics.dlq, topics.late])
+    started = time.monotonic()
+    p, r = settings.ray.source_actors, settings.ray.inference_actors
+    requests = Queue(maxsize=settings.ray.queue_max_batches, actor_options={"num_cpus": 0})
+    # On the driver's node: the metrics endpoint (and the sink volume) live where the chart's
+    # Service and ServiceMonitor look, on the Ray head that runs `calm-stream run`.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    sink = SinkActor.options(num_cpus=0, scheduling_strategy=here).remote(
+        settings.sinks.root,
+        settings.sinks.rotate_rows,
+        settings.sinks.rotate_seconds,
+        settings.metrics.host,
+        settings.metrics.port,
+    )
+    actors: list[ray.actor.ActorHandle] = [requests.actor, sink]
+    try:
+        paths = ray.get(sink.paths.remote())  # the root is usable and locked by this job
+        inference = [
+            InferenceActor.options(num_cpus=settings.ray.inference_actor_cpus).remote(
+                f"inference-{i}",
+                requests,
+                sink,
+                settings.model,
+                settings.pricing,
+                passthrough=options.passthrough,
+                reload_check_s=options.reload_check_s,
+                slowdown_s=options.slowdown_s,
+            )
+            for i in range(r)
+        ]
+        actors += inference
+        shares = node_shares(ray.get([a.node_id.remote() for a in inference]))
+        spec = window_spec(settings)
+        sources = [
+            KafkaSourceActor.options(num_cpus=settings.ray.source_actor_cpus).remote(
+                [topics.iot, topics.transactions],
+                settings.kafka.group_id,
+                client,
+                requests,
+                max_records=settings.kafka.poll_max_records,
+                poll_timeout_ms=settings.kafka.poll_timeout_ms,
+                stage=WindowStage(
+                    FlowConfig(
+                        spec,
+                        topics.iot,
+                        topics.transactions,
+                        topics.dlq,
+                        topics.late,
+                        settings.kafka.max_message_bytes,
+                        i,
+                    )
+                ),
+                dead_letters=partial(DeadLetterWriter, client, sink, i),
+                report=MetricsReporter(sink, requests),
+                name=f"source-{i}",
+                group_instance_id=f"{settings.kafka.group_id}-source-{i}",
+            )
+            for i in range(p)
+        ]
+        actors += sources
+        ray.get(sink.connect.remote(sources))  # before any source runs: acks find their way
+        # Sources start polling together, so the group forms once: a source that joined late
+        # could find a finished (static, so never leaving) member holding up the rebalance.
+        ray.get([s.__ray_ready__.remote() for s in sources])
+        serving = [a.run.remote(share) for a, share in zip(inference, shares)]
+        consuming = [
+            s.run.remote(
+                max_idle_seconds=options.until_idle_s,
+                flush_at_end=options.until_idle_s is not None,
+                drain_timeout_s=options.drain_timeout_s,
+                close_at_end=True,
+            )
+            for s in sources
+        ]
+        _wait(consuming, serving, sources, stop)
+        source_stats = ray.get(consuming)
+        for actor in inference:
+            actor.stop.remote()
+        inference_stats = ray.get(serving)
+        commit_times = ray.get(sink.commit_times.remote())
+        sink_stats = ray.get(sink.close.remote())
+        return JobReport(
+            time.monotonic() - started,
+            source_stats,
+            inference_stats,
+            sink_stats,
+            paths,
+            commit_times,
+        )
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+
+
+def _wait(
+    consuming: list[ray.ObjectRef],
+    serving: list[ray.ObjectRef],
+    sources: list[ray.actor.ActorHandle],
+    stop: threading.Event | None,
+) -> None:
+    """Until every source returned; a failed actor fails the job, `stop` starts the drain."""
+    pending, stopping = list(consuming), False
+    while pending:
+        done, pending = ray.wait(pending, timeout=0.5)
+        ray.get(done)
+        failed, _ = ray.wait(serving, timeout=0)
+        if failed:
+            ray.get(failed)
+            raise RuntimeError("an inference actor stopped while the sources were running")
+        if stop is not None and stop.is_set() and not stopping:
+            log.info("stopping: draining in-flight work, then committing")
+            for source in sources:
+                source.stop.remote()
+            stopping = True

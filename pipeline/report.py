@@ -1,0 +1,84 @@
+"""`calm-stream report`: what a sink root holds, computed from its Parquet files alone.
+
+The same figures a dashboard reads: result rows by kind and model, tokens and generative steps,
+head draws per step, $ per 1k tokens next to the discrete baseline's counterfactual, the FLOPs
+ratio, latency percentiles and dead letters by reason. Only committed files count (a reader
+never sees a file the sink has not renamed into place).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.sinks import DEAD_LETTER_SCHEMA, RESULT_SCHEMA, TELEMETRY_SCHEMA, read_dataset
+
+
+def _total(table: pa.Table, column: str) -> float:
+    return (pc.sum(table.column(column)).as_py() or 0.0) if table.num_rows else 0.0
+
+
+def _ratio(numerator: float, denominator: float) -> float | None:
+    return numerator / denominator if denominator else None
+
+
+def _percentiles(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {}
+    p50, p99 = np.percentile(np.asarray(values, dtype=np.float64), [50, 99])
+    return {"p50": round(float(p50), 4), "p99": round(float(p99), 4)}
+
+
+def sink_report(root: Path) -> dict[str, Any]:
+    """Summary of the `results/`, `telemetry/` and `dlq/` datasets under `root`."""
+    results = read_dataset(root / "results", schema=RESULT_SCHEMA)
+    telemetry = read_dataset(root / "telemetry", schema=TELEMETRY_SCHEMA)
+    dlq = read_dataset(root / "dlq", schema=DEAD_LETTER_SCHEMA)
+    tokens = int(_total(telemetry, "tokens_out"))
+    steps = int(_total(telemetry, "steps"))
+    dollars, baseline = _total(telemetry, "dollars"), _total(telemetry, "baseline_dollars")
+    flops, baseline_flops = _total(telemetry, "flops"), _total(telemetry, "baseline_flops")
+    per_1k = lambda amount: _ratio(1000 * amount, tokens)
+    models = Counter(
+        f"{name}@{version}"
+        for name, version in zip(
+            results.column("model_name").to_pylist(), results.column("model_version").to_pylist()
+        )
+    )
+    return {
+        "root": str(root),
+        "results": {
+            "rows": results.num_rows,
+            "by_kind": dict(Counter(results.column("kind").to_pylist())),
+            "by_model": dict(models),
+            "tokens_in": int(_total(results, "tokens_in")),
+            "tokens_out": int(_total(results, "tokens_out")),
+            "latency_seconds": _percentiles(results.column("latency_seconds").to_pylist()),
+        },
+        "telemetry": {
+            "batches": telemetry.num_rows,
+            "tokens_out": tokens,
+            "steps": steps,
+            "tokens_per_step": _ratio(tokens, steps),
+            "draws_per_step": _ratio(_total(telemetry, "draws"), steps),
+            "busy_seconds": _total(telemetry, "busy_seconds"),
+            "idle_seconds": _total(telemetry, "idle_seconds"),
+            "dollars": dollars,
+            "dollars_per_1k_tokens": per_1k(dollars),
+            "baseline_dollars": baseline,
+            "baseline_dollars_per_1k_tokens": per_1k(baseline),
+            "flops": flops,
+            "baseline_flops": baseline_flops,
+            "baseline_vs_calm_flops": _ratio(baseline_flops, flops),
+        },
+        "dead_letters": {
+            "rows": dlq.num_rows,
+            "by_reason": dict(Counter(dlq.column("reason").to_pylist())),
+        },
+        "paths": {name: str(root / name) for name in ("results", "telemetry", "dlq")},
+    }

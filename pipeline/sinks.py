@@ -1,0 +1,428 @@
+"""Parquet sinks: `results/`, `telemetry/` and `dlq/`, crash-consistent and idempotent.
+
+Each dataset is Hive-partitioned by the UTC date and hour of one time column
+(`results/date=2025-01-06/hour=10/part-....parquet`). Rows are buffered and written as one file
+per partition when the buffer reaches `rotate_rows` or its oldest row is `rotate_seconds` old.
+A file is committed atomically: written under a dot-prefixed temporary name (which readers such
+as `pyarrow.dataset` skip), fsynced, renamed into place, and the directory fsynced; a crash
+leaves either the whole file or a temporary one that the next start deletes.
+
+A keyed dataset never writes a key twice: at start it reads the key column of every committed
+file, and it drops rows whose key is already durable or already buffered. The `SinkActor` tells
+each source which keys became durable, so that sources commit offsets only after durability.
+One process writes a sink root at a time (an exclusive `flock` on `<root>/_sink.lock`): the
+sink of a killed run may still be flushing while its successor starts.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import resource
+import threading
+import time
+import uuid
+from collections import defaultdict, deque
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import ray
+
+from pipeline.metrics import PipelineMetrics
+
+log = logging.getLogger(__name__)
+
+_TS = pa.timestamp("ms", tz="UTC")
+
+# Every column except the timings is a function of the input, the row key and the model version:
+# a replayed window yields the same values (see DETERMINISTIC_RESULT_COLUMNS).
+RESULT_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("topic", pa.string()),
+        ("partition", pa.int32()),
+        ("entity", pa.string()),
+        ("kind", pa.string()),
+        ("window_start", _TS),
+        ("window_end", _TS),
+        ("first_offset", pa.int64()),
+        ("last_offset", pa.int64()),
+        ("events", pa.int32()),
+        ("last_ingested", _TS),  # the Kafka timestamp of the window's newest record
+        ("task", pa.string()),
+        ("prompt", pa.string()),
+        ("output", pa.string()),
+        ("finish_reason", pa.string()),
+        ("model_name", pa.string()),
+        ("model_version", pa.string()),
+        ("k", pa.int32()),
+        ("seed", pa.int64()),
+        ("tokens_in", pa.int32()),
+        ("tokens_out", pa.int32()),
+        ("steps", pa.int32()),
+        ("draws", pa.int32()),
+        ("queue_seconds", pa.float64()),
+        ("prefill_seconds", pa.float64()),
+        ("decode_seconds", pa.float64()),
+        ("latency_seconds", pa.float64()),
+    ]
+)
+TIMING_COLUMNS = ("queue_seconds", "prefill_seconds", "decode_seconds", "latency_seconds")
+DETERMINISTIC_RESULT_COLUMNS = tuple(n for n in RESULT_SCHEMA.names if n not in TIMING_COLUMNS)
+
+TELEMETRY_SCHEMA = pa.schema(
+    [
+        ("batch_id", pa.string()),
+        ("time", _TS),
+        ("actor", pa.string()),
+        ("model_name", pa.string()),
+        ("model_version", pa.string()),
+        ("k", pa.int32()),
+        ("batch_size", pa.int32()),
+        ("tokens_in", pa.int64()),
+        ("tokens_out", pa.int64()),
+        ("steps", pa.int64()),
+        ("draws", pa.int64()),
+        ("tokens_per_step", pa.float64()),
+        ("queue_seconds", pa.float64()),
+        ("prefill_seconds", pa.float64()),
+        ("decode_seconds", pa.float64()),
+        ("busy_seconds", pa.float64()),
+        ("idle_seconds", pa.float64()),
+        ("tokens_per_second", pa.float64()),
+        ("flops", pa.float64()),
+        ("node_type", pa.string()),
+        ("node_price_per_hour", pa.float64()),
+        ("node_share", pa.float64()),
+        ("dollars", pa.float64()),
+        ("dollars_per_1k_tokens", pa.float64()),
+        ("dollars_per_step", pa.float64()),
+        ("baseline_flops", pa.float64()),
+        ("baseline_dollars", pa.float64()),
+        ("baseline_dollars_per_1k_tokens", pa.float64()),
+    ]
+)
+
+DEAD_LETTER_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("topic", pa.string()),
+        ("partition", pa.int32()),
+        ("offset", pa.int64()),
+        ("timestamp", _TS),
+        ("message_key", pa.binary()),
+        ("value", pa.binary()),
+        ("reason", pa.string()),
+        ("field", pa.string()),
+        ("message", pa.string()),
+        ("routed_to", pa.string()),
+    ]
+)
+
+TEMP_PREFIX = ".tmp-"
+
+
+class SinkError(RuntimeError):
+    """The sink root cannot be used (not local, locked by another writer, unreadable)."""
+
+
+def local_root(root: str) -> Path:
+    """The sink root as a local directory; `file://` URIs are accepted."""
+    if "://" in root and not root.startswith("file://"):
+        raise SinkError(
+            f"sinks.root {root!r}: only local paths and file:// URIs are supported "
+            "(atomic commit relies on fsync + rename)"
+        )
+    return Path(root.removeprefix("file://")).expanduser().resolve()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def commit_table(table: pa.Table, directory: Path) -> Path:
+    """Write `table` as one Parquet file in `directory`, atomically: temp name, fsync, rename."""
+    directory.mkdir(parents=True, exist_ok=True)
+    name = f"part-{time.time_ns()}-{uuid.uuid4().hex[:8]}.parquet"
+    temp, final = directory / f"{TEMP_PREFIX}{name}", directory / name
+    with temp.open("wb") as file:
+        pq.write_table(table, file, compression="zstd")
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temp, final)
+    _fsync_dir(directory)
+    return final
+
+
+def hour_partition(ts: datetime) -> str:
+    ts = ts.astimezone(UTC)
+    return f"date={ts:%Y-%m-%d}/hour={ts:%H}"
+
+
+def read_dataset(
+    path: Path, columns: list[str] | None = None, schema: pa.Schema | None = None
+) -> pa.Table:
+    """All committed files of a dataset (temporary files skipped), with `date` and `hour` unless
+    a `schema` is given (which also types an empty or missing dataset)."""
+    if not path.is_dir():
+        schema = schema or pa.schema([])
+        return schema.empty_table().select(columns) if columns else schema.empty_table()
+    dataset = ds.dataset(
+        path, schema=schema, format="parquet", partitioning="hive", ignore_prefixes=[".", "_"]
+    )
+    return dataset.to_table(columns=columns)
+
+
+class ParquetDataset:
+    """One dataset directory: buffered rows, rotation, atomic commits, key deduplication."""
+
+    def __init__(
+        self,
+        path: Path,
+        schema: pa.Schema,
+        time_column: str,
+        key_column: str | None = None,
+        rotate_rows: int = 10_000,
+        rotate_seconds: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.path, self.schema, self.time_column, self.key_column = (
+            path,
+            schema,
+            time_column,
+            key_column,
+        )
+        self.rotate_rows, self.rotate_seconds, self._clock = rotate_rows, rotate_seconds, clock
+        self._rows: list[dict[str, Any]] = []
+        self._oldest: float | None = None
+        self._buffered: set[str] = set()
+        self.files_written = 0
+        self._remove_temporaries()
+        self.durable: set[str] = self._committed_keys()
+
+    def add(self, rows: Iterable[dict[str, Any]]) -> list[str]:
+        """Buffer new rows; return the keys of rows dropped because they are already durable
+        (rows whose key is already buffered are dropped too: they become durable with it)."""
+        already: list[str] = []
+        for row in rows:
+            if self.key_column is not None:
+                key = row[self.key_column]
+                if key in self.durable:
+                    already.append(key)
+                    continue
+                if key in self._buffered:
+                    continue
+                self._buffered.add(key)
+            if self._oldest is None:
+                self._oldest = self._clock()
+            self._rows.append(row)
+        return already
+
+    def due(self) -> bool:
+        """The buffer is full or its oldest row waited `rotate_seconds`."""
+        if not self._rows:
+            return False
+        return (
+            len(self._rows) >= self.rotate_rows
+            or self._clock() - self._oldest >= self.rotate_seconds
+        )
+
+    def flush(self) -> list[dict[str, Any]]:
+        """Commit the buffer, one file per date/hour partition; return the rows now durable."""
+        by_partition: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for row in self._rows:
+            by_partition[hour_partition(row[self.time_column])].append(row)
+        committed: list[dict[str, Any]] = []
+        try:
+            for partition, group in sorted(by_partition.items()):
+                commit_table(pa.Table.from_pylist(group, schema=self.schema), self.path / partition)
+                self.files_written += 1
+                committed += group
+        finally:
+            # After a failed write the rows not committed stay buffered for the next attempt.
+            done = {id(row) for row in committed}
+            self._rows = [row for row in self._rows if id(row) not in done]
+            self._oldest = self._oldest if self._rows else None
+            if self.key_column is not None:
+                keys = {row[self.key_column] for row in committed}
+                self.durable |= keys
+                self._buffered -= keys
+        return committed
+
+    def _remove_temporaries(self) -> None:
+        for temp in self.path.glob(f"**/{TEMP_PREFIX}*"):
+            log.info("removing %s: a write that never committed", temp)
+            temp.unlink(missing_ok=True)
+
+    def _committed_keys(self) -> set[str]:
+        if self.key_column is None:
+            return set()
+        keys = read_dataset(self.path, [self.key_column], self.schema).column(self.key_column)
+        return set(keys.to_pylist())
+
+
+class RootLock:
+    """An exclusive `flock` on `<root>/_sink.lock`, released by the kernel when the holder dies."""
+
+    def __init__(self, root: Path, timeout_s: float) -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        self._file = (root / "_sink.lock").open("a")
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    self._file.close()
+                    raise SinkError(
+                        f"{root} is locked by another sink for more than {timeout_s} s"
+                    ) from None
+                time.sleep(0.1)
+
+    def release(self) -> None:
+        fcntl.flock(self._file, fcntl.LOCK_UN)
+        self._file.close()
+
+
+class Datasets:
+    """The three datasets of a sink root."""
+
+    def __init__(self, root: Path, rotate_rows: int, rotate_seconds: float) -> None:
+        rotation = {"rotate_rows": rotate_rows, "rotate_seconds": rotate_seconds}
+        self.results = ParquetDataset(
+            root / "results", RESULT_SCHEMA, "window_start", "key", **rotation
+        )
+        self.telemetry = ParquetDataset(root / "telemetry", TELEMETRY_SCHEMA, "time", **rotation)
+        self.dlq = ParquetDataset(root / "dlq", DEAD_LETTER_SCHEMA, "timestamp", "key", **rotation)
+
+    def __iter__(self):
+        return iter((self.results, self.telemetry, self.dlq))
+
+
+@ray.remote
+class SinkActor:
+    """Writes rows for every inference actor and source, and acknowledges durable keys.
+
+    `write` takes result rows and dead letters, each with the index of the source that waits for
+    it, and telemetry rows; a background thread commits the datasets that are due. Once a key is
+    durable (at once if it already was) its source's `acknowledge` is called with it; `connect`
+    names the sources, by index. The Prometheus metrics live here, observed as rows become durable.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        rotate_rows: int,
+        rotate_seconds: float,
+        metrics_host: str = "127.0.0.1",
+        metrics_port: int = 0,
+        lock_timeout_s: float = 120.0,
+    ) -> None:
+        self.root = local_root(root)
+        self._lock = RootLock(self.root, lock_timeout_s)
+        self._datasets = Datasets(self.root, rotate_rows, rotate_seconds)
+        self._sources: list[Any] = []
+        self._waiting: dict[str, set[int]] = defaultdict(set)  # key -> sources waiting for it
+        self._mutex = threading.Lock()
+        self.metrics = PipelineMetrics()
+        if metrics_port:
+            self.metrics.serve(metrics_host, metrics_port)
+        # (Kafka timestamp of the window's newest record, commit time) of recent rows, epoch seconds
+        self._commits: deque[tuple[float, float]] = deque(maxlen=100_000)
+        self._stopped = threading.Event()
+        self.stats = {"results": 0, "telemetry": 0, "dlq": 0, "duplicates_dropped": 0}
+        self._flusher = threading.Thread(
+            target=self._flush_loop, args=(min(rotate_seconds, 0.5),), daemon=True
+        )
+        self._flusher.start()
+
+    def connect(self, sources: list[Any]) -> None:
+        """The actors (or anything with `acknowledge`) waiting for keys, indexed by origin."""
+        self._sources = list(sources)
+
+    def write(
+        self,
+        results: list[tuple[int, dict[str, Any]]] = (),
+        telemetry: list[dict[str, Any]] = (),
+        dead_letters: list[tuple[int, dict[str, Any]]] = (),
+    ) -> None:
+        with self._mutex:
+            acks: dict[int, list[str]] = defaultdict(list)
+            for dataset, items in (
+                (self._datasets.results, results),
+                (self._datasets.dlq, dead_letters),
+            ):
+                for origin, row in items:
+                    self._waiting[row["key"]].add(origin)
+                for key in dataset.add(row for _, row in items):
+                    self.stats["duplicates_dropped"] += 1
+                    for origin in self._waiting.pop(key, ()):
+                        acks[origin].append(key)
+            self._datasets.telemetry.add(telemetry)
+            self._send(acks)
+            self._flush(lambda dataset: dataset.due())
+
+    def observe_source(
+        self, source: str, stats: dict[str, Any], queue_depth: int | None = None
+    ) -> None:
+        self.metrics.observe_source(source, stats)
+        if queue_depth is not None:
+            self.metrics.queue_depth.set(queue_depth)
+
+    def flush(self) -> dict[str, int]:
+        """Commit everything buffered now (shutdown, or a source giving up partitions)."""
+        with self._mutex:
+            self._flush(lambda dataset: True)
+            return dict(self.stats)
+
+    def close(self) -> dict[str, Any]:
+        stats = self.flush()
+        self._stopped.set()
+        self._flusher.join()
+        self._lock.release()
+        return {**stats, "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+    def commit_times(self) -> list[tuple[float, float]]:
+        """(newest Kafka record, commit) times of recently committed result rows."""
+        return list(self._commits)
+
+    def paths(self) -> dict[str, str]:
+        return {d.path.name: str(d.path) for d in self._datasets}
+
+    def _flush_loop(self, period: float) -> None:
+        while not self._stopped.wait(period):
+            with self._mutex:
+                self._flush(lambda dataset: dataset.due())
+
+    def _flush(self, should: Callable[[ParquetDataset], bool]) -> None:
+        acks: dict[int, list[str]] = defaultdict(list)
+        for dataset in self._datasets:
+            if not should(dataset):
+                continue
+            rows = dataset.flush()
+            name = dataset.path.name
+            self.stats[name] += len(rows)
+            self.metrics.observe(name, rows)
+            if name == "results":
+                now = time.time()
+                self._commits.extend((row["last_ingested"].timestamp(), now) for row in rows)
+            if dataset.key_column is not None:
+                for row in rows:
+                    for origin in self._waiting.pop(row["key"], ()):
+                        acks[origin].append(row["key"])
+        self._send(acks)
+
+    def _send(self, acks: dict[int, list[str]]) -> None:
+        for origin, keys in acks.items():
+            self._sources[origin].acknowledge.remote(keys)

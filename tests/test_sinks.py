@@ -1,0 +1,176 @@
+"""Parquet sinks: atomic files in date/hour partitions, rotation, keys never written twice (also
+after a restart), rows kept after a failed write, one writer per root, acks after durability.
+Everything is read back with pyarrow.dataset, not with the sink's code."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pytest
+import ray
+
+from pipeline.sinks import ParquetDataset, RootLock, SinkActor, SinkError, local_root
+
+SCHEMA = pa.schema(
+    [("key", pa.string()), ("time", pa.timestamp("ms", tz="UTC")), ("value", pa.int64())]
+)
+T0 = datetime(2025, 1, 6, 10, 59, tzinfo=UTC)
+
+
+def rows(*keys: str, at: datetime = T0) -> list[dict]:
+    return [{"key": key, "time": at, "value": i} for i, key in enumerate(keys)]
+
+
+def read(path: Path) -> pa.Table:
+    return ds.dataset(path, format="parquet", partitioning="hive").to_table()
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_files_land_in_hour_partitions_and_read_back(tmp_path):
+    dataset = ParquetDataset(tmp_path / "d", SCHEMA, "time", "key")
+    dataset.add(rows("a", "b") + rows("c", at=T0 + timedelta(minutes=2)))
+    assert {r["key"] for r in dataset.flush()} == {"a", "b", "c"}
+    table = read(tmp_path / "d")
+    by_key = {r["key"]: (r["date"], r["hour"]) for r in table.to_pylist()}
+    assert by_key == {"a": ("2025-01-06", 10), "b": ("2025-01-06", 10), "c": ("2025-01-06", 11)}
+    assert not list((tmp_path / "d").glob("**/.tmp-*"))  # nothing half-written is left
+
+
+def test_a_key_is_never_written_twice_even_after_a_restart(tmp_path):
+    first = ParquetDataset(tmp_path / "d", SCHEMA, "time", "key")
+    assert first.add(rows("a", "b", "a")) == []  # a buffered duplicate is dropped
+    first.flush()
+    assert first.add(rows("a", "c")) == ["a"]  # already durable: reported for an immediate ack
+    first.flush()
+    restarted = ParquetDataset(tmp_path / "d", SCHEMA, "time", "key")  # keys read back from files
+    assert restarted.add(rows("b", "c", "d")) == ["b", "c"]
+    restarted.flush()
+    assert sorted(read(tmp_path / "d").column("key").to_pylist()) == ["a", "b", "c", "d"]
+
+
+def test_rotation_by_rows_and_by_seconds(tmp_path):
+    clock = Clock()
+    dataset = ParquetDataset(
+        tmp_path / "d", SCHEMA, "time", rotate_rows=3, rotate_seconds=5, clock=clock
+    )
+    assert not dataset.due()
+    dataset.add(rows("a", "b"))
+    assert not dataset.due()
+    dataset.add(rows("c"))
+    assert dataset.due()  # 3 rows
+    dataset.flush()
+    dataset.add(rows("d"))
+    clock.now = 4.9
+    assert not dataset.due()
+    clock.now = 5.0
+    assert dataset.due()  # the oldest row waited 5 s
+
+
+def test_a_crash_leftover_is_removed_and_never_read(tmp_path):
+    partition = tmp_path / "d" / "date=2025-01-06" / "hour=10"
+    partition.mkdir(parents=True)
+    (partition / ".tmp-part-1.parquet").write_bytes(b"PAR1 half a file")
+    assert read(tmp_path / "d").num_rows == 0  # readers skip dot-files ...
+    ParquetDataset(tmp_path / "d", SCHEMA, "time", "key")
+    assert not (partition / ".tmp-part-1.parquet").exists()  # ... and the next start deletes them
+
+
+def test_rows_stay_buffered_when_a_write_fails(tmp_path):
+    dataset = ParquetDataset(tmp_path / "d", SCHEMA, "time", "key")
+    dataset.add(rows("a"))
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "date=2025-01-06").write_text(
+        "not a directory"
+    )  # the partition cannot be made
+    with pytest.raises(OSError):
+        dataset.flush()
+    assert dataset.add(rows("a")) == []  # not durable, still buffered
+    (tmp_path / "d" / "date=2025-01-06").unlink()
+    assert [r["key"] for r in dataset.flush()] == ["a"]
+    assert read(tmp_path / "d").column("key").to_pylist() == ["a"]
+
+
+def test_one_writer_per_root(tmp_path):
+    lock = RootLock(tmp_path, timeout_s=1)
+    with pytest.raises(SinkError, match="locked"):
+        RootLock(tmp_path, timeout_s=0.3)
+    lock.release()
+    RootLock(tmp_path, timeout_s=0.3).release()
+
+
+def test_only_local_roots(tmp_path):
+    assert local_root(f"file://{tmp_path}") == tmp_path.resolve()
+    with pytest.raises(SinkError, match="local"):
+        local_root("s3://bucket/results")
+
+
+@ray.remote
+class Source:
+    """Where a source actor stands: receives the durable keys."""
+
+    def __init__(self) -> None:
+        self.acked: list[list[str]] = []
+
+    def acknowledge(self, keys: list[str]) -> None:
+        self.acked.append(keys)
+
+    def wait_for(self, count: int, timeout_s: float = 30.0) -> list[list[str]]:
+        deadline = time.monotonic() + timeout_s
+        while len(self.acked) < count and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return self.acked
+
+
+def test_the_sink_actor_acks_keys_once_they_are_durable(ray_local, tmp_path):
+    source = Source.options(max_concurrency=2).remote()
+    sink = SinkActor.remote(str(tmp_path), rotate_rows=1_000, rotate_seconds=3600)
+    ray.get(sink.connect.remote([source]))
+    result = {
+        "key": "t/0/0/dev-1",
+        "topic": "t",
+        "partition": 0,
+        "entity": "dev-1",
+        "kind": "iot",
+        "window_start": T0,
+        "window_end": T0,
+        "first_offset": 0,
+        "last_offset": 9,
+        "events": 10,
+        "last_ingested": T0,
+        "task": "summarize",
+        "prompt": "p",
+        "output": "o",
+        "finish_reason": "eos",
+        "model_name": "m",
+        "model_version": "1",
+        "k": 4,
+        "seed": 1,
+        "tokens_in": 3,
+        "tokens_out": 2,
+        "steps": 1,
+        "draws": 1,
+        "queue_seconds": 0.0,
+        "prefill_seconds": 0.0,
+        "decode_seconds": 0.0,
+        "latency_seconds": 0.0,
+    }
+    ray.get(sink.write.remote(results=[(0, result)]))
+    assert ray.get(source.wait_for.remote(1, timeout_s=1.0)) == []  # buffered, not durable: no ack
+    ray.get(sink.flush.remote())
+    assert ray.get(source.wait_for.remote(1)) == [[result["key"]]]
+    ray.get(sink.write.remote(results=[(0, result)]))  # a replay of a durable key ...
+    assert ray.get(source.wait_for.remote(2)) == [[result["key"]]] * 2  # ... is acked at once
+    stats = ray.get(sink.close.remote())
+    assert stats["results"] == 1 and stats["duplicates_dropped"] == 1
+    assert read(tmp_path / "results").column("key").to_pylist() == [result["key"]]
