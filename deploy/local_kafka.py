@@ -43,8 +43,14 @@ POM = KAFKA_DIR / "pom.xml"
 DEPENDENCY_PLUGIN = "org.apache.maven.plugins:maven-dependency-plugin:3.8.1:copy-dependencies"
 # TieredStopAtLevel=1 (C1 only) halves the CPU a start costs (about 7 -> 3.7 CPU-seconds) and
 # trims ~45 MiB of RSS; a local single-node broker is never CPU bound after that.
-JVM_FLAGS = ("-Xms256m", "-Xmx1g", "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20",
-             "-XX:TieredStopAtLevel=1", "-Djava.awt.headless=true")
+JVM_FLAGS = (
+    "-Xms256m",
+    "-Xmx1g",
+    "-XX:+UseG1GC",
+    "-XX:MaxGCPauseMillis=20",
+    "-XX:TieredStopAtLevel=1",
+    "-Djava.awt.headless=true",
+)
 SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256")
 LOOPBACK = "127.0.0.1"
 
@@ -66,12 +72,16 @@ class SaslUser:
         if not re.fullmatch(r"[A-Za-z0-9._-]+", self.username):
             raise ValueError("SASL username must be non-empty ASCII letters, digits, '.', '_', '-'")
         if not re.fullmatch(r"[\x21-\x7e]+", self.password) or set(self.password) & set('"\\,=[]'):
-            raise ValueError("SASL password must be non-empty printable ASCII without spaces, "
-                             "quotes, backslashes, commas, '=' or brackets")
+            raise ValueError(
+                "SASL password must be non-empty printable ASCII without spaces, "
+                "quotes, backslashes, commas, '=' or brackets"
+            )
         unknown = set(self.mechanisms) - set(SASL_MECHANISMS)
         if not self.mechanisms or unknown:
-            raise ValueError(f"SASL mechanisms must be a non-empty subset of {SASL_MECHANISMS}, "
-                             f"got {self.mechanisms}")
+            raise ValueError(
+                f"SASL mechanisms must be a non-empty subset of {SASL_MECHANISMS}, "
+                f"got {self.mechanisms}"
+            )
 
 
 # ---------------------------------------------------------------- jars
@@ -101,35 +111,49 @@ def fetch_jars() -> Path:
     if shutil.which("mvn") is None:
         raise KafkaBrokerError(
             "Maven (mvn) is not on PATH. It is needed once to fetch the Kafka broker jars from "
-            f"Maven Central into {libs} (e.g. `apt-get install maven`).")
+            f"Maven Central into {libs} (e.g. `apt-get install maven`)."
+        )
     # Fetch into a private folder and rename it into place, so that an interrupted or
     # concurrent fetch never leaves a half-filled libs/ that looks complete.
     libs.parent.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(prefix="libs-", dir=libs.parent))
-    cmd = ["mvn", "-B", "-q", "-Dstyle.color=never", "-f", str(POM), DEPENDENCY_PLUGIN,
-           "-DincludeScope=runtime", f"-DoutputDirectory={partial}"]
+    cmd = [
+        "mvn",
+        "-B",
+        "-q",
+        "-Dstyle.color=never",
+        "-f",
+        str(POM),
+        DEPENDENCY_PLUGIN,
+        "-DincludeScope=runtime",
+        f"-DoutputDirectory={partial}",
+    ]
     result = subprocess.run(cmd, check=False, capture_output=True, text=True)
     if result.returncode != 0:
         shutil.rmtree(partial, ignore_errors=True)
         raise KafkaBrokerError(
             f"Could not fetch the Kafka {kafka_version()} jars with `{' '.join(cmd)}` "
             f"(exit {result.returncode}). Is Maven Central reachable?\n"
-            + _tail(result.stdout + result.stderr))
+            + _tail(result.stdout + result.stderr)
+        )
     try:
         partial.rename(libs)
     except OSError:  # another process won the race; its copy is as good as ours
         shutil.rmtree(partial, ignore_errors=True)
     if not (libs / f"kafka_2.13-{kafka_version()}.jar").is_file():
-        raise KafkaBrokerError(f"{libs} exists but holds no Kafka {kafka_version()} jar: "
-                               "delete it and fetch again")
+        raise KafkaBrokerError(
+            f"{libs} exists but holds no Kafka {kafka_version()} jar: delete it and fetch again"
+        )
     return libs
 
 
 def _java() -> str:
     java = shutil.which("java")
     if java is None:
-        raise KafkaBrokerError("Java (17 or newer) is not on PATH; the Kafka broker runs on "
-                               "the JVM (e.g. `apt-get install openjdk-17-jre-headless`).")
+        raise KafkaBrokerError(
+            "Java (17 or newer) is not on PATH; the Kafka broker runs on "
+            "the JVM (e.g. `apt-get install openjdk-17-jre-headless`)."
+        )
     return java
 
 
@@ -172,8 +196,13 @@ class LocalKafka:
     process exits (the named broker of the CLI); otherwise it is stopped at exit at the latest.
     """
 
-    def __init__(self, sasl: SaslUser | None = None, workdir: Path | None = None,
-                 detach: bool = False, startup_timeout_s: float = 120.0) -> None:
+    def __init__(
+        self,
+        sasl: SaslUser | None = None,
+        workdir: Path | None = None,
+        detach: bool = False,
+        startup_timeout_s: float = 120.0,
+    ) -> None:
         self.sasl = sasl
         self.workdir = Path(workdir) if workdir else None
         self.detach = detach
@@ -282,7 +311,9 @@ class LocalKafka:
         if self.sasl:
             text += Template((KAFKA_DIR / "sasl.properties.template").read_text()).substitute(
                 mechanisms=",".join(self.sasl.mechanisms),
-                username=self.sasl.username, password=self.sasl.password)
+                username=self.sasl.username,
+                password=self.sasl.password,
+            )
         self._config.write_text(text)
         self._config.chmod(0o600)  # it may hold a password
 
@@ -291,26 +322,45 @@ class LocalKafka:
         return self._workdir / "server.properties"
 
     def _jvm(self, java: str, libs: Path, main: str, *args: str) -> list[str]:
-        return [java, *JVM_FLAGS, f"-Dlog4j2.configurationFile={KAFKA_DIR / 'log4j2.properties'}",
-                "-cp", f"{libs}/*", main, *args]
+        return [
+            java,
+            *JVM_FLAGS,
+            f"-Dlog4j2.configurationFile={KAFKA_DIR / 'log4j2.properties'}",
+            "-cp",
+            f"{libs}/*",
+            main,
+            *args,
+        ]
 
     def _format(self, java: str, libs: Path) -> None:
         args = ["format", "-t", _cluster_id(), "-c", str(self._config)]
         if self.sasl and "SCRAM-SHA-256" in self.sasl.mechanisms:
             user = self.sasl
-            args += ["--add-scram", f"SCRAM-SHA-256=[name={user.username},password={user.password}]"]
-        result = subprocess.run(self._jvm(java, libs, "kafka.tools.StorageTool", *args),
-                                check=False, capture_output=True, text=True)
+            args += [
+                "--add-scram",
+                f"SCRAM-SHA-256=[name={user.username},password={user.password}]",
+            ]
+        result = subprocess.run(
+            self._jvm(java, libs, "kafka.tools.StorageTool", *args),
+            check=False,
+            capture_output=True,
+            text=True,
+        )
         if result.returncode != 0:
-            raise KafkaBrokerError(f"formatting the KRaft log dir failed (exit {result.returncode})"
-                                   f":\n{_tail(result.stdout + result.stderr)}")
+            raise KafkaBrokerError(
+                f"formatting the KRaft log dir failed (exit {result.returncode})"
+                f":\n{_tail(result.stdout + result.stderr)}"
+            )
 
     def _launch(self, java: str, libs: Path) -> None:
         with self.log_path.open("w") as log:
             self._proc = subprocess.Popen(
                 self._jvm(java, libs, "kafka.Kafka", str(self._config)),
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=self.detach)
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=self.detach,
+            )
 
     def _wait_until_serving(self) -> None:
         """Return once an admin client lists topics; raise with the log tail otherwise."""
@@ -318,12 +368,17 @@ class LocalKafka:
         deadline = time.monotonic() + self.startup_timeout_s
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
-                raise KafkaBrokerError(f"the Kafka broker exited with code {self._proc.returncode}"
-                                       f" during start-up; {self.log_path}:\n{_tail(self.log_text())}")
+                raise KafkaBrokerError(
+                    f"the Kafka broker exited with code {self._proc.returncode}"
+                    f" during start-up; {self.log_path}:\n{_tail(self.log_text())}"
+                )
             if all(_port_open(port) for port in self.ports.values()):
                 try:
-                    admin = KafkaAdminClient(bootstrap_servers=self.bootstrap_servers,
-                                             bootstrap_timeout_ms=5000, request_timeout_ms=5000)
+                    admin = KafkaAdminClient(
+                        bootstrap_servers=self.bootstrap_servers,
+                        bootstrap_timeout_ms=5000,
+                        request_timeout_ms=5000,
+                    )
                     try:
                         admin.list_topics()
                         return
@@ -332,8 +387,10 @@ class LocalKafka:
                 except KafkaError:
                     pass
             time.sleep(0.2)
-        raise KafkaBrokerError(f"the Kafka broker did not serve within {self.startup_timeout_s:.0f}"
-                               f" s; {self.log_path}:\n{_tail(self.log_text())}")
+        raise KafkaBrokerError(
+            f"the Kafka broker did not serve within {self.startup_timeout_s:.0f}"
+            f" s; {self.log_path}:\n{_tail(self.log_text())}"
+        )
 
 
 # ---------------------------------------------------------------- process helpers
@@ -412,8 +469,10 @@ def read_state(name: str = "default") -> BrokerState | None:
     try:
         return BrokerState(**json.loads(state_file.read_text()))
     except (json.JSONDecodeError, TypeError) as exc:
-        raise KafkaBrokerError(f"unreadable broker state file {state_file}: {exc}; "
-                               "delete it and stop any leftover broker by hand") from exc
+        raise KafkaBrokerError(
+            f"unreadable broker state file {state_file}: {exc}; "
+            "delete it and stop any leftover broker by hand"
+        ) from exc
 
 
 def _is_broker_process(state: BrokerState) -> bool:
@@ -437,22 +496,32 @@ def status(name: str = "default") -> BrokerStatus | None:
     return BrokerStatus(state, _is_broker_process(state), _port_open(state.ports["plaintext"]))
 
 
-def start(name: str = "default", sasl: SaslUser | None = None,
-          startup_timeout_s: float = 120.0) -> BrokerState:
+def start(
+    name: str = "default", sasl: SaslUser | None = None, startup_timeout_s: float = 120.0
+) -> BrokerState:
     """Start the named broker detached from this process and record it in a state file."""
     current = status(name)
     if current is not None and current.process_alive:
-        raise KafkaBrokerError(f"broker {name!r} is already running at "
-                               f"{current.state.bootstrap_servers} (pid {current.state.pid})")
+        raise KafkaBrokerError(
+            f"broker {name!r} is already running at "
+            f"{current.state.bootstrap_servers} (pid {current.state.pid})"
+        )
     workdir, state_file = _named_paths(name)
-    broker = LocalKafka(sasl=sasl, workdir=workdir, detach=True,
-                        startup_timeout_s=startup_timeout_s).start()
+    broker = LocalKafka(
+        sasl=sasl, workdir=workdir, detach=True, startup_timeout_s=startup_timeout_s
+    ).start()
     state = BrokerState(
-        name=name, pid=broker.pid, bootstrap_servers=broker.bootstrap_servers,
+        name=name,
+        pid=broker.pid,
+        bootstrap_servers=broker.bootstrap_servers,
         sasl_bootstrap_servers=broker.sasl_bootstrap_servers if sasl else None,
-        sasl_username=sasl.username if sasl else None, ports=broker.ports,
-        workdir=str(workdir), log_path=str(broker.log_path), kafka_version=kafka_version(),
-        started_at=time.time())
+        sasl_username=sasl.username if sasl else None,
+        ports=broker.ports,
+        workdir=str(workdir),
+        log_path=str(broker.log_path),
+        kafka_version=kafka_version(),
+        started_at=time.time(),
+    )
     state_file.write_text(json.dumps(asdict(state), indent=2))
     return state
 

@@ -32,8 +32,9 @@ def encode(record: Record) -> tuple[bytes, bytes]:
 
 
 def produce(bootstrap: str, topic: str, compression: str) -> list[Record]:
-    producer = KafkaProducer(bootstrap_servers=bootstrap, compression_type=compression,
-                             linger_ms=20)
+    producer = KafkaProducer(
+        bootstrap_servers=bootstrap, compression_type=compression, linger_ms=20
+    )
     sent = [(f"device-{seq % 97}", seq) for seq in range(MESSAGES)]
     for record in sent:
         key, value = encode(record)
@@ -48,16 +49,25 @@ def stored_bytes(bootstrap: str, topic: str) -> int:
     admin = KafkaAdminClient(bootstrap_servers=bootstrap)
     brokers = admin.describe_log_dirs(topic_partitions=[topic])
     admin.close()
-    return sum(partition["partition_size"]
-               for broker in brokers for log_dir in broker["log_dirs"]
-               for stored in log_dir["topics"] if stored["name"] == topic
-               for partition in stored["partitions"])
+    return sum(
+        partition["partition_size"]
+        for broker in brokers
+        for log_dir in broker["log_dirs"]
+        for stored in log_dir["topics"]
+        if stored["name"] == topic
+        for partition in stored["partitions"]
+    )
 
 
 def group_consumer(bootstrap: str, topic: str, group: str) -> KafkaConsumer:
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group,
-                             enable_auto_commit=False, auto_offset_reset="earliest",
-                             session_timeout_ms=6000, heartbeat_interval_ms=1000)
+    consumer = KafkaConsumer(
+        bootstrap_servers=bootstrap,
+        group_id=group,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        session_timeout_ms=6000,
+        heartbeat_interval_ms=1000,
+    )
     consumer.subscribe([topic])
     return consumer
 
@@ -92,8 +102,9 @@ def consume_to_end(bootstrap: str, topic: str, group: str) -> list[Record]:
     assert sum(ends.values()) == MESSAGES
     received: list[Record] = []
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and (not consumer.assignment() or any(
-            consumer.position(tp) < end for tp, end in ends.items())):
+    while time.monotonic() < deadline and (
+        not consumer.assignment() or any(consumer.position(tp) < end for tp, end in ends.items())
+    ):
         for messages in consumer.poll(timeout_ms=1000).values():
             received.extend(record_of(message) for message in messages)
     consumer.commit()
@@ -103,13 +114,15 @@ def consume_to_end(bootstrap: str, topic: str, group: str) -> list[Record]:
 
 @pytest.mark.parametrize("compression", ["lz4", "zstd"])
 def test_group_resumes_after_manual_commit_without_loss_or_duplicates(
-        kafka_broker, topic_factory, compression):
+    kafka_broker, topic_factory, compression
+):
     topic = topic_factory(partitions=PARTITIONS)
     group = f"{topic}-group"
     sent = produce(kafka_broker.bootstrap_servers, topic, compression)
     # Uncompressed batches take more than the bare keys and values (~1.3x); lz4 ~0.6x, zstd ~0.35x.
     assert stored_bytes(kafka_broker.bootstrap_servers, topic) < sum(
-        len(key) + len(value) for key, value in map(encode, sent))
+        len(key) + len(value) for key, value in map(encode, sent)
+    )
 
     first = consume_half_then_commit(kafka_broker.bootstrap_servers, topic, group)
     rest = consume_to_end(kafka_broker.bootstrap_servers, topic, group)
@@ -128,19 +141,25 @@ def test_group_resumes_after_manual_commit_without_loss_or_duplicates(
 
 
 def sasl_options(user: SaslUser, mechanism: str, password: str | None = None) -> dict:
-    return {"security_protocol": "SASL_PLAINTEXT", "sasl_mechanism": mechanism,
-            "sasl_plain_username": user.username,
-            "sasl_plain_password": user.password if password is None else password}
+    return {
+        "security_protocol": "SASL_PLAINTEXT",
+        "sasl_mechanism": mechanism,
+        "sasl_plain_username": user.username,
+        "sasl_plain_password": user.password if password is None else password,
+    }
 
 
 @pytest.mark.parametrize("mechanism", ["PLAIN", "SCRAM-SHA-256"])
 def test_sasl_client_produces_and_consumes(sasl_kafka_broker, mechanism):
-    options = {"bootstrap_servers": sasl_kafka_broker.sasl_bootstrap_servers,
-               **sasl_options(sasl_kafka_broker.sasl, mechanism)}
+    options = {
+        "bootstrap_servers": sasl_kafka_broker.sasl_bootstrap_servers,
+        **sasl_options(sasl_kafka_broker.sasl, mechanism),
+    }
     topic = f"sasl-{mechanism.lower()}"
     admin = KafkaAdminClient(**options)
-    admin.create_topics({topic: {"num_partitions": 1, "replication_factor": 1}},
-                        wait_for_metadata=True)
+    admin.create_topics(
+        {topic: {"num_partitions": 1, "replication_factor": 1}}, wait_for_metadata=True
+    )
     admin.close()
     producer = KafkaProducer(**options)
     for i in range(20):
@@ -161,16 +180,20 @@ def refused(broker: LocalKafka, options: dict) -> str:
     """Try to bootstrap a producer with `options`; return what the broker logged meanwhile."""
     log_before = len(broker.log_text())
     with pytest.raises(KafkaTimeoutError, match="Unable to bootstrap"):
-        KafkaProducer(bootstrap_servers=broker.sasl_bootstrap_servers,
-                      bootstrap_timeout_ms=3000, **options)
+        KafkaProducer(
+            bootstrap_servers=broker.sasl_bootstrap_servers, bootstrap_timeout_ms=3000, **options
+        )
     return broker.log_text()[log_before:]
 
 
 @pytest.mark.parametrize("mechanism", ["PLAIN", "SCRAM-SHA-256"])
 def test_sasl_listener_refuses_a_wrong_password(sasl_kafka_broker, mechanism):
     logged = refused(sasl_kafka_broker, sasl_options(sasl_kafka_broker.sasl, mechanism, "wrong"))
-    assert re.search(r"Failed authentication with /127\.0\.0\.1 .*(Invalid username or password"
-                     r"|invalid credentials with SASL mechanism SCRAM-SHA-256)", logged)
+    assert re.search(
+        r"Failed authentication with /127\.0\.0\.1 .*(Invalid username or password"
+        r"|invalid credentials with SASL mechanism SCRAM-SHA-256)",
+        logged,
+    )
 
 
 def test_sasl_listener_refuses_a_client_without_credentials(sasl_kafka_broker):

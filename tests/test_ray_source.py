@@ -41,20 +41,31 @@ class SlowConsumer:
         return {"seen": self.seen, "max_backlog": self.max_backlog}
 
 
-def test_slow_consumer_loses_nothing_and_queue_stays_bounded(ray_local, kafka_broker, topic_factory):
+def test_slow_consumer_loses_nothing_and_queue_stays_bounded(
+    ray_local, kafka_broker, topic_factory
+):
     topic = topic_factory(partitions=3)
     total = 3_000
-    producer = KafkaProducer(bootstrap_servers=kafka_broker.bootstrap_servers, compression_type="lz4")
+    producer = KafkaProducer(
+        bootstrap_servers=kafka_broker.bootstrap_servers, compression_type="lz4"
+    )
     for seq in range(total):
-        producer.send(topic, key=f"device-{seq % 17}".encode(), value=json.dumps({"seq": seq}).encode())
+        producer.send(
+            topic, key=f"device-{seq % 17}".encode(), value=json.dumps({"seq": seq}).encode()
+        )
     producer.flush()
     producer.close()
 
     queue_bound = 2
     inbox, acks = Queue(maxsize=queue_bound), Queue()
     source = KafkaSourceActor.options(num_cpus=0.5).remote(
-        [topic], "slow-consumer-test", {"bootstrap_servers": kafka_broker.bootstrap_servers},
-        inbox, acks, decode=json.loads, max_records=100,
+        [topic],
+        "slow-consumer-test",
+        {"bootstrap_servers": kafka_broker.bootstrap_servers},
+        inbox,
+        acks,
+        decode=json.loads,
+        max_records=100,
     )
     consumer = SlowConsumer.options(num_cpus=0.5).remote(inbox, acks, seconds_per_batch=0.05)
     consumed = consumer.run.remote(total)

@@ -41,11 +41,15 @@ def test_defaults_are_valid() -> None:
 
 
 @pytest.mark.parametrize("suffix", [".yaml", ".toml", ".json"])
-def test_precedence_file_env_flag(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, suffix: str) -> None:
+def test_precedence_file_env_flag(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, suffix: str
+) -> None:
     body = {
         ".yaml": "ray:\n  source_actors: 2\n  inference_actors: 2\nmodel:\n  max_new_tokens: 50\n",
         ".toml": "[ray]\nsource_actors = 2\ninference_actors = 2\n[model]\nmax_new_tokens = 50\n",
-        ".json": json.dumps({"ray": {"source_actors": 2, "inference_actors": 2}, "model": {"max_new_tokens": 50}}),
+        ".json": json.dumps(
+            {"ray": {"source_actors": 2, "inference_actors": 2}, "model": {"max_new_tokens": 50}}
+        ),
     }[suffix]
     config = write(tmp_path / f"settings{suffix}", body)
     monkeypatch.setenv("CALM_STREAM_RAY__SOURCE_ACTORS", "3")
@@ -131,7 +135,9 @@ def test_invalid_values_name_the_setting(
 def test_errors_never_print_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CALM_STREAM_KAFKA__SASL_PASSWORD", "hunter2-secret")
     monkeypatch.setenv("CALM_STREAM_KAFKA__SASL_USERNAME", "svc")
-    monkeypatch.setenv("CALM_STREAM_KAFKA__SECURITY_PROTOCOL", "SASL_PLAINTEXT")  # mechanism missing
+    monkeypatch.setenv(
+        "CALM_STREAM_KAFKA__SECURITY_PROTOCOL", "SASL_PLAINTEXT"
+    )  # mechanism missing
     with pytest.raises(SettingsError) as error:
         load_settings()
     assert "hunter2" not in str(error.value)
@@ -152,7 +158,9 @@ def test_cli_reports_bad_setting_and_exits_2(monkeypatch: pytest.MonkeyPatch) ->
 
 def test_settings_command_lists_every_setting(tmp_path: Path) -> None:
     config = write(tmp_path / "c.toml", '[sinks]\nroot = "s3://bucket/prefix"\n')
-    result = CliRunner().invoke(app, ["--config", str(config), "--set", "ray.num_cpus=2", "settings", "--json"])
+    result = CliRunner().invoke(
+        app, ["--config", str(config), "--set", "ray.num_cpus=2", "settings", "--json"]
+    )
     assert result.exit_code == 0, result.output
     shown = json.loads(result.output)
     assert set(shown) == {".".join(path) for path in setting_paths()}
