@@ -333,7 +333,8 @@ class LocalKafka:
         ]
 
     def _format(self, java: str, libs: Path) -> None:
-        args = ["format", "-t", _cluster_id(), "-c", str(self._config)]
+        # "=": a base64url id may start with "-", which a separate argument would read as a flag.
+        args = ["format", f"--cluster-id={_cluster_id()}", "-c", str(self._config)]
         if self.sasl and "SCRAM-SHA-256" in self.sasl.mechanisms:
             user = self.sasl
             args += [

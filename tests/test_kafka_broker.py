@@ -273,3 +273,14 @@ def test_missing_java_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(KafkaBrokerError, match=r"Java \(17 or newer\) is not on PATH"):
         LocalKafka().start()
+
+
+def test_a_cluster_id_that_starts_with_a_dash_still_formats(monkeypatch):
+    """One base64url id in 64 starts with "-"; kafka-storage must not read it as a flag."""
+    monkeypatch.setattr(local_kafka, "_cluster_id", lambda: "-" + "A" * 21)
+    with LocalKafka() as broker:
+        admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap_servers)
+        try:
+            assert admin.describe_cluster()["cluster_id"] == "-" + "A" * 21
+        finally:
+            admin.close()
