@@ -251,10 +251,10 @@ def committed_offsets(settings: Settings, topic: str) -> dict[int, tuple[int | N
 
 
 def read_back(root: Path, dataset: str) -> Any:
-    """A dataset read with pyarrow alone: every committed Parquet file under root/dataset."""
+    """A dataset read with pyarrow alone: every committed Parquet file under root/dataset; None
+    while nothing is committed (a directory may already hold the sink's temporary files)."""
     path = root / dataset
-    return (
-        ds.dataset(path, format="parquet", partitioning="hive").to_table()
-        if path.exists()
-        else None
-    )
+    if not path.exists():
+        return None
+    found = ds.dataset(path, format="parquet", partitioning="hive")
+    return found.to_table() if found.files else None
