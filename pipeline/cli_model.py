@@ -12,12 +12,10 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from model.bundle import BundleError, Registry
-
-console = Console(stderr=True)
+from pipeline.cli_errors import console, fail
 
 Threads = Annotated[
     int | None, typer.Option("--threads", min=1, help="Intra-op threads (default: settings).")
@@ -31,11 +29,6 @@ RegistryOpt = Annotated[
 VersionOpt = Annotated[
     str | None, typer.Option("--version", help="Bundle version or 'latest' (default: settings).")
 ]
-
-
-def _fail(error: Exception) -> None:
-    console.print(f"[bold red]error:[/] {error}", highlight=False)
-    raise typer.Exit(2) from None
 
 
 def export_command(
@@ -139,7 +132,7 @@ def export_command(
                 bundle = update_manifest(bundle, {"metrics": metrics})
             published = registry.publish(bundle, make_latest=latest)
     except (BundleError, ValueError, FileNotFoundError, TypeError) as error:
-        _fail(error)
+        raise fail(error) from None
     size = sum(f["bytes"] for f in bundle.manifest["files"].values())
     console.print(f"published {published} ({size / 1e6:.1f} MB) to {out}", highlight=False)
     print(json.dumps({"bundle": published, "registry": out, "bytes": size}))
@@ -206,7 +199,7 @@ def generate_command(
         requests = [Request(engine.prompt_ids(p), seed + i, limit) for i, p in enumerate(prompts)]
         results = engine.generate(requests, sampling)
     except (BundleError, ValueError) as error:
-        _fail(error)
+        raise fail(error) from None
     if as_json:
         for r in results:
             print(
@@ -291,7 +284,7 @@ def bench_generate_command(
             summary_tokens=settings.max_new_tokens,
         )
     except (BundleError, ValueError) as error:
-        _fail(error)
+        raise fail(error) from None
     text = json.dumps(report, indent=2)
     if out is not None:
         out.write_text(text + "\n")

@@ -20,9 +20,8 @@ import threading
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
-console = Console(stderr=True)
+from pipeline.cli_errors import fail
 
 
 def run_command(
@@ -60,8 +59,7 @@ def run_command(
             settings, JobOptions(passthrough=passthrough, until_idle_s=until_idle), stop
         )
     except (SettingsError, BundleError, SinkError) as error:
-        console.print(f"[bold red]error:[/] {error}", highlight=False)
-        raise typer.Exit(2) from None
+        raise fail(error) from None
     print(
         json.dumps(
             {
@@ -113,11 +111,9 @@ def report_command(
     try:
         path = local_root(root or ctx.find_root().obj.settings().sinks.root)
     except SinkError as error:
-        console.print(f"[bold red]error:[/] {error}", highlight=False)
-        raise typer.Exit(2) from None
+        raise fail(error) from None
     if not path.is_dir():
-        console.print(f"[bold red]error:[/] no sink root at {path}", highlight=False)
-        raise typer.Exit(2)
+        raise fail(f"no sink root at {path}")
     print(json.dumps(sink_report(path), indent=2))
 
 

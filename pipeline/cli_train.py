@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
+from pipeline.cli_errors import console, fail
 from pipeline.training.stages import (
     DEFAULT_CONFIG,
     STAGES,
@@ -22,14 +22,7 @@ from pipeline.training.stages import (
 )
 from pipeline.training.storage import json_safe
 
-console = Console(stderr=True)
-
 DEFAULT_STORAGE = "calm-stream-data/train"
-
-
-def _fail(error: Exception, code: int = 2) -> typer.Exit:
-    console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
-    return typer.Exit(code)
 
 
 Workers = Annotated[int, typer.Option("--workers", min=1, help="Data-parallel Ray Train workers.")]
@@ -48,12 +41,12 @@ def _run_on_ray(ctx: typer.Context, job, request, corpus: str) -> None:
     try:
         inspect_corpus(corpus)
     except CorpusError as error:
-        raise _fail(error) from None
+        raise fail(error) from None
     init_ray(ctx.find_root().obj.settings().ray)
     try:
         result = job(request, console)
     except (TrainJobError, CorpusError) as error:
-        raise _fail(error, 1) from None
+        raise fail(error, 1) from None
     print(json.dumps(json_safe(result), indent=2, sort_keys=True))
 
 
@@ -112,7 +105,7 @@ def train(
         train_config = load_train_config(config, list(set_ or []))
         stages = tuple(plan_stages(list(stage or ["all"])))
     except TrainConfigError as error:
-        raise _fail(error) from None
+        raise fail(error) from None
     request = TrainRequest(
         config=train_config,
         corpus=corpus,

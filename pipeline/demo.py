@@ -133,7 +133,6 @@ def show(report: JobReport, console: Console) -> None:
 def summary_rows(report: JobReport, sink: dict[str, Any]) -> list[tuple[str, str]]:
     seconds, tokens = report.processing_seconds, report.tokens_out
     cost, dead = sink["telemetry"], sink["dead_letters"]
-    money = lambda amount: "n/a" if amount is None else f"${amount:.3g}"
     ratio = cost["baseline_vs_calm_flops"]
     return [
         ("events consumed", f"{report.records:,}"),
@@ -153,8 +152,8 @@ def summary_rows(report: JobReport, sink: dict[str, Any]) -> list[tuple[str, str
         (
             "cost per 1k tokens",
             (
-                f"{money(cost['dollars_per_1k_tokens'])} CALM vs "
-                f"{money(cost['baseline_dollars_per_1k_tokens'])} for the discrete baseline, "
+                f"{_money(cost['dollars_per_1k_tokens'])} CALM vs "
+                f"{_money(cost['baseline_dollars_per_1k_tokens'])} for the discrete baseline, "
                 + (f"which needs {ratio:.2f}x CALM's FLOPs " if ratio else "")
                 + "(node price, idle time included)"
             ),
@@ -163,6 +162,10 @@ def summary_rows(report: JobReport, sink: dict[str, Any]) -> list[tuple[str, str
         ("telemetry", report.paths["telemetry"]),
         ("dead letters", report.paths["dlq"]),
     ]
+
+
+def _money(amount: float | None) -> str:
+    return "n/a" if amount is None else f"${amount:.3g}"
 
 
 def _short(text: str, width: int = 70) -> str:

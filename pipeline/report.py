@@ -43,7 +43,6 @@ def sink_report(root: Path) -> dict[str, Any]:
     steps = int(_total(telemetry, "steps"))
     dollars, baseline = _total(telemetry, "dollars"), _total(telemetry, "baseline_dollars")
     flops, baseline_flops = _total(telemetry, "flops"), _total(telemetry, "baseline_flops")
-    per_1k = lambda amount: _ratio(1000 * amount, tokens)
     models = Counter(
         f"{name}@{version}"
         for name, version in zip(
@@ -69,9 +68,9 @@ def sink_report(root: Path) -> dict[str, Any]:
             "busy_seconds": _total(telemetry, "busy_seconds"),
             "idle_seconds": _total(telemetry, "idle_seconds"),
             "dollars": dollars,
-            "dollars_per_1k_tokens": per_1k(dollars),
+            "dollars_per_1k_tokens": _ratio(1000 * dollars, tokens),
             "baseline_dollars": baseline,
-            "baseline_dollars_per_1k_tokens": per_1k(baseline),
+            "baseline_dollars_per_1k_tokens": _ratio(1000 * baseline, tokens),
             "flops": flops,
             "baseline_flops": baseline_flops,
             "baseline_vs_calm_flops": _ratio(baseline_flops, flops),

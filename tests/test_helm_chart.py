@@ -63,11 +63,8 @@ GATED_KINDS = {"ServiceMonitor", "NetworkPolicy", "PodDisruptionBudget", "RayJob
 def tools() -> None:
     missing = [name for name in ("helm", "kubeconform") if find_tool(name) is None]
     missing += [] if SERVICEMONITOR_CRD.is_file() else ["the ServiceMonitor CRD"]
-    if missing:
-        message = f"{', '.join(missing)} missing: run {INSTALLER}"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+    if missing:  # `make test` installs them; a bare pytest run must say so, not skip quietly
+        pytest.fail(f"{', '.join(missing)} missing: run {INSTALLER} (or `make test`)")
 
 
 @pytest.fixture(autouse=True)

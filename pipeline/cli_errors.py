@@ -1,0 +1,13 @@
+"""How a command reports a failure a person can act on: one red line on stderr, then an exit code
+(2: bad input or settings, 1: the work itself failed), never a traceback."""
+
+import typer
+from rich.console import Console
+
+console = Console(stderr=True)
+
+
+def fail(error: object, code: int = 2) -> typer.Exit:
+    """Print `error` and return the Exit to raise: `raise fail(error) from None`."""
+    console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+    return typer.Exit(code)
