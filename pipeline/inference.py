@@ -110,7 +110,9 @@ class CalmModel:
         return self.bundle.id
 
     def cost(self, prompt: str) -> int:
-        ids = self._ids.setdefault(prompt, self.engine.prompt_ids(prompt))
+        ids = self._ids.get(prompt)
+        if ids is None:  # not setdefault: its default would tokenize every time
+            ids = self._ids[prompt] = self.engine.prompt_ids(prompt)
         return len(ids) + self.max_new_tokens
 
     def seed(self, key: str) -> int:
