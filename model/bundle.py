@@ -26,7 +26,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-FORMAT = "calm-stream-bundle/1"
+FORMAT = "calm-stream-bundle/2"  # 2: sampling fused into the step graphs
 MANIFEST = "manifest.json"
 LATEST = "latest"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")

@@ -18,6 +18,11 @@ produce the same tokens:
   rejection in growing rounds, a fraction of the approximate rule's 200 candidates when the model
   is confident). AR samples softmax(logits / T), or argmax at T = 0.
 
+Fused sampling: at T = 1 (CALM) or T > 0 (AR) the step graph also samples the next chunk from
+the draws fed beside it (model/export.py), taken from each row's generator exactly as the numpy
+path takes them, so a generative step is one call: a batch-1 step is bound by the call and node
+overhead and by streaming the weights, not by arithmetic.
+
 Sessions are tuned for CPU throughput: full graph optimisation, sequential execution, explicitly
 sized intra-op pools that do not spin. The KV cache is a preallocated numpy buffer that the graph
 reads in place (model/export.py); each step writes only the new keys/values into it.
@@ -76,34 +81,39 @@ class Result:
 
 
 class _Cache:
-    """Preallocated keys/values [B, H, capacity, hd] per layer and their slot mask [B, capacity].
+    """Preallocated keys/values of every layer in one buffer [2 * layers, B, H, capacity, hd],
+    and their slot mask [B, capacity].
 
-    The backbone graph reads the whole buffer in place (unfilled slots are masked) and returns
-    only the new positions' keys/values, which `append` writes at the next free slots. Capacity
-    grows in blocks of GROWTH slots, so the buffer is copied once per GROWTH steps instead of at
-    every step, and attention scans at most GROWTH - 1 empty slots.
+    The backbone graph reads each layer's keys or values in place (a contiguous view of the
+    buffer; unfilled slots are masked) and returns only the new positions' keys/values, which
+    `append` writes at the next free slots, all layers in one assignment. Capacity grows in
+    blocks of GROWTH slots, so the buffer is copied once per GROWTH steps instead of at every
+    step, and attention scans at most GROWTH - 1 empty slots.
     """
 
     GROWTH = 16
 
     def __init__(self, batch: int, tensors: int, heads: int, head_dim: int):
-        self.tensors = [np.zeros((batch, heads, 0, head_dim), np.float32) for _ in range(tensors)]
+        self.buffer = np.zeros((tensors, batch, heads, 0, head_dim), np.float32)
         self.mask = np.zeros((batch, 0), dtype=np.int64)
         self.length = 0
+
+    @property
+    def tensors(self) -> list[np.ndarray]:
+        return list(self.buffer)
 
     def append(self, new: list[np.ndarray], new_mask: np.ndarray) -> None:
         end = self.length + new_mask.shape[1]
         if end > self.mask.shape[1]:
             grow = end + self.GROWTH - self.mask.shape[1]
-            self.tensors = [np.pad(x, ((0, 0), (0, 0), (0, grow), (0, 0))) for x in self.tensors]
+            self.buffer = np.pad(self.buffer, ((0, 0), (0, 0), (0, 0), (0, grow), (0, 0)))
             self.mask = np.pad(self.mask, ((0, 0), (0, grow)))
-        for buffer, values in zip(self.tensors, new):
-            buffer[:, :, self.length : end] = values
+        self.buffer[:, :, :, self.length : end] = new
         self.mask[:, self.length : end] = new_mask
         self.length = end
 
     def keep(self, rows: np.ndarray) -> None:
-        self.tensors = [x[rows] for x in self.tensors]
+        self.buffer = self.buffer[:, rows]
         self.mask = self.mask[rows]
 
 
@@ -161,21 +171,45 @@ class Engine:
         self.sampler = session("calm_sampler") if model == "calm" else None
         # the sampler materialises [rows, K, vocab] logits: feed it at most ~64 MB of them at once
         self.sampler_rows = max(1, SAMPLER_LOGITS_BYTES // (4 * self.k * backbone["vocab_size"]))
-        self.input_name = self.backbone.get_inputs()[0].name  # chunks (CALM) or input_ids (AR)
-        self.past_names = [i.name for i in self.backbone.get_inputs()[2:]]
+        names = [i.name for i in self.backbone.get_inputs()]
+        self.input_name = names[0]  # chunks (CALM) or input_ids (AR)
+        self.past_names = [n for n in names if n.startswith("past_key_values.")]
 
     # -- backbone ----------------------------------------------------------------------------
 
-    def _run_backbone(self, inputs: np.ndarray, new_mask: np.ndarray, cache: _Cache) -> np.ndarray:
-        """One backbone call over T new positions; returns the last position's output."""
+    def _run_backbone(
+        self, inputs: np.ndarray, new_mask: np.ndarray, cache: _Cache, draws: dict[str, np.ndarray]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """One backbone call over T new positions: the last position's output and the chunks
+        the step graph sampled with `draws` (`_draws`; none for an empty samples axis)."""
         feeds = {
             self.input_name: inputs,
             "attention_mask": np.concatenate([cache.mask, new_mask], 1),
         }
+        feeds |= draws
         feeds |= zip(self.past_names, cache.tensors)
         out = self.backbone.run(None, feeds)
-        cache.append(out[1:], new_mask)
-        return out[0]
+        cache.append(out[-len(self.past_names) :], new_mask)
+        return out[0], out[1]
+
+    def _draws(self, rngs: list[np.random.Generator], s: Sampling) -> dict[str, np.ndarray]:
+        """The fused step graph's random inputs: each row's draw for the chunk after this step,
+        from its generator exactly as the numpy samplers draw it (CALM: the head noise at T = 1;
+        AR: the sampling uniform at T > 0), or none (an empty samples axis)."""
+        b = len(rngs)
+        if self.kind == "ar":
+            one = s.temperature > 0.0
+            u = [g.random(dtype=np.float32) for g in rngs] if one else []
+            uniform = np.array(u, dtype=np.float32).reshape(b, int(one))
+            return {"temperature": np.array(s.temperature or 1.0, np.float32), "uniform": uniform}
+        noise_dim = self.config["noise_dim"]
+        if s.temperature != 1.0:
+            return {"noise": np.empty((b, 0, noise_dim), dtype=np.float32)}
+        noise = np.empty((b, 1, noise_dim), dtype=np.float32)
+        for g, row in zip(rngs, noise):
+            g.random(dtype=np.float32, out=row)
+        noise -= 0.5  # uniform in [-0.5, 0.5), as CALM.noise
+        return {"noise": noise}
 
     # -- choosing the next chunk -------------------------------------------------------------
 
@@ -284,13 +318,16 @@ class Engine:
             mask = mask.astype(np.int64)
             inputs = chunks if self.kind == "calm" else chunks[..., 0]
             cache = _Cache(len(alive), len(self.past_names), self.n_heads, self.head_dim)
-            hidden = self._run_backbone(inputs, mask, cache)
+            draws = self._draws([rngs[i] for i in alive], sampling)
+            hidden, drawn = self._run_backbone(inputs, mask, cache, draws)
             prefilled = time.perf_counter()
             for i in alive:
                 stats[i].prefill_s = prefilled - start
         while alive.size:
             rngs_alive = [rngs[i] for i in alive]
-            if self.kind == "calm":
+            if drawn.shape[1]:  # sampled by the fused step graph
+                new, cost = drawn[:, 0].reshape(alive.size, self.k), np.ones(alive.size, np.int64)
+            elif self.kind == "calm":
                 new, cost = self._calm_next(hidden, rngs_alive, sampling)
             else:
                 new, cost = self._ar_next(hidden, rngs_alive, sampling)
@@ -314,7 +351,10 @@ class Engine:
                 cache.keep(np.flatnonzero(keep))
             alive, new = alive[keep], new[keep]
             step_input = new[:, None] if self.kind == "calm" else new
-            hidden = self._run_backbone(step_input, np.ones((alive.size, 1), np.int64), cache)
+            draws = self._draws([rngs[i] for i in alive], sampling)
+            hidden, drawn = self._run_backbone(
+                step_input, np.ones((alive.size, 1), np.int64), cache, draws
+            )
         results = []
         for i in range(b):
             stats[i].tokens_out = len(out[i])

@@ -3,16 +3,20 @@
 CALM is served as three graphs, the discrete baseline as one:
 
 - `calm_backbone.onnx` step graph: (chunks [B, T, K], attention_mask [B, S+T],
-  past_key_values.N.key/value [B, H, S, hd]) -> (hidden [B, d] of the last position,
-  present.N.key/value [B, H, T, hd] of the T new positions). T = the whole prompt is the
-  prefill, T = 1 a decode step. The past is the engine's preallocated cache: S slots, of which
-  the mask marks the filled ones (left pads and not-yet-written slots are 0).
-- `calm_sampler.onnx`: (hidden [B, d], noise [B, S, noise_dim]) -> (latents [B, S, latent],
-  tokens [B, S, K]): the energy head and the autoencoder's decoder for S noise samples per row.
+  noise [B, N, noise_dim], past_key_values.N.key/value [B, H, S, hd]) -> (hidden [B, d] of the
+  last position, tokens [B, N, K], present.N.key/value [B, H, T, hd] of the T new positions).
+  T = the whole prompt is the prefill, T = 1 a decode step. The past is the engine's
+  preallocated cache: S slots, of which the mask marks the filled ones (left pads and
+  not-yet-written slots are 0). The sampler is fused in: `tokens` are the next chunks of the N
+  noise samples, so at T = 1 (N = 1) a generative step is one call; the temperature samplers
+  pass N = 0 and draw through `calm_sampler.onnx`.
+- `calm_sampler.onnx`: (hidden [B, d], noise [B, N, noise_dim]) -> (latents [B, N, latent],
+  tokens [B, N, K]): the energy head and the autoencoder's decoder for N noise samples per row.
   Noise is an input, so the engine's numpy generators seed it per request.
 - `calm_encoder.onnx`: chunks [B, K] -> (mean, log_std) [B, latent].
-- `ar_backbone.onnx`: (input_ids [B, T], attention_mask, past) -> (logits [B, V] of the last
-  position, present).
+- `ar_backbone.onnx`: (input_ids [B, T], attention_mask, temperature [], uniform [B, N], past)
+  -> (logits [B, V] of the last position, tokens [B, N] sampled from softmax(logits / T) by
+  inverse CDF on the uniforms (N = 0 for greedy), present).
 
 The TorchScript exporter (`dynamo=False`, opset 17) keeps batch, prompt and past lengths dynamic.
 It has no symbolic for `aten::rms_norm` at opset 17, and `scaled_dot_product_attention` exported
@@ -20,7 +24,10 @@ to a graph 20-40 % slower than plain matmul-softmax-matmul; a `present = cat(pas
 also copies the whole cache at every step (a third of an AR decode step at batch 32 in
 onnxruntime). So the trace runs the unchanged model code with two swaps (`serving_ops`): RMSNorm
 as its formula, and a hand-written attention that reads the cache without copying it and returns
-only the new keys/values.
+only the new keys/values. At batch 1 a float32 step is bound by streaming its weights from
+memory (~28 GB/s on one core) plus a per-node cost, so the step graphs also fold CALM's largest
+matrix into a lookup table (`_ChunkEmbedding`) and carry the sampling that would otherwise be a
+second call (CALM) or numpy work (AR) per step.
 """
 
 import json
@@ -81,11 +88,11 @@ def _cache_reading_attention(
       a third fewer nodes, which is what a batch-1 step pays for.
     `mask` [B, 1, T, S+T] is the backbone's boolean mask (True = may attend).
     """
-    b, t = cos.shape[0], cos.shape[2]
-    q, k, v = self.qkv(x).view(b, t, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+    b, t, h = cos.shape[0], cos.shape[2], self.n_heads
+    qk, v = self.qkv(x).view(b, t, 3 * h, self.head_dim).transpose(1, 2).split([2 * h, h], 1)
     cos2, sin2 = torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
     swap = _rotate_half_matrix(self.head_dim).to(x.dtype)
-    q, k = q * cos2 + (q @ swap) * sin2, k * cos2 + (k @ swap) * sin2
+    q, k = (qk * cos2 + (qk @ swap) * sin2).split([h, h], 1)  # q and k rotated in one go
     past_k, past_v = past
     s = mask.shape[-1] - t  # past slots, from the shared mask's shape
     q = q * (1.0 / math.sqrt(self.head_dim))
@@ -117,22 +124,70 @@ def _cache_names(n_layers: int) -> tuple[list[str], list[str]]:
     return past, present
 
 
+class _ChunkEmbedding(nn.Module):
+    """CALM.embed_chunks with the compressor's first Linear folded into the embedding table.
+
+    Linear(flatten(wte[c_1..c_K])) = b + sum_j W_j wte[c_j], so a [K, vocab, 2d] table of the
+    products W_j wte[v] turns that matmul into K row gathers: a batch-1 step streams its weights
+    from memory, and this one is the largest matrix of the step (K * d * 2d floats).
+    """
+
+    def __init__(self, model: CALM):
+        super().__init__()
+        first, k = model.compress[0], model.config.k
+        wte = model.backbone.wte.weight.double()
+        w = first.weight.double().view(first.out_features, k, wte.shape[1])
+        table = torch.einsum("vc,okc->kvo", wte, w).float()  # products in float64, rounded once
+        self.register_buffer("table", table.reshape(k * wte.shape[0], -1))
+        self.register_buffer("offsets", torch.arange(k) * wte.shape[0])
+        self.bias, self.rest = first.bias, model.compress[1:]
+
+    def forward(self, chunks: torch.Tensor) -> torch.Tensor:
+        return self.rest(self.table[chunks + self.offsets].sum(-2) + self.bias)
+
+
 class _Step(nn.Module):
-    """Backbone step over embedded inputs; returns the last position's output and the cache."""
+    """Backbone step over embedded inputs: the last position's output and the new keys/values."""
 
     def __init__(self, model: CALM | ARModel):
         super().__init__()
         self.model = model
+        self.embed = _ChunkEmbedding(model) if isinstance(model, CALM) else model.embed_chunks
 
-    def forward(self, inputs, attention_mask, *past_flat):
+    def step(self, inputs, attention_mask, past_flat) -> tuple[torch.Tensor, list[torch.Tensor]]:
         past = list(zip(past_flat[0::2], past_flat[1::2]))
-        x = self.model.embed_chunks(inputs if inputs.dim() == 3 else inputs[..., None])
+        x = self.embed(inputs if inputs.dim() == 3 else inputs[..., None])
         hidden, present = self.model.backbone(
             x, attention_mask=attention_mask, past_key_values=past
         )
         last = hidden[:, -1]
         out = self.model.lm_head(last) if isinstance(self.model, ARModel) else last
-        return (out, *[t for kv in present for t in kv])
+        return out, [t for kv in present for t in kv]
+
+
+class _CALMStep(_Step):
+    """The CALM step with the sampler fused in: the chunks of N noise samples per row too.
+
+    At T = 1 (one sample) a generative step is one graph call instead of two; the temperature
+    samplers pass N = 0 and draw through the sampler graph.
+    """
+
+    def forward(self, chunks, attention_mask, noise, *past_flat):
+        hidden, present = self.step(chunks, attention_mask, past_flat)
+        latents = self.model.head(hidden, noise)
+        return (hidden, self.model.autoencoder.decode(latents).argmax(-1), *present)
+
+
+class _ARStep(_Step):
+    """The AR step with sampling fused in: a token from softmax(logits / T) for each of N
+    uniforms per row, by inverse CDF as model/generate.py's ar_next_tokens (N = 0 for greedy)."""
+
+    def forward(self, input_ids, attention_mask, temperature, uniform, *past_flat):
+        logits, present = self.step(input_ids, attention_mask, past_flat)
+        z = logits / temperature
+        cdf = (z - z.max(-1, keepdim=True).values).exp().cumsum(-1)
+        below = cdf[:, None, :] <= (uniform * cdf[:, -1:])[..., None]
+        return (logits, below.sum(-1).clamp(max=cdf.shape[-1] - 1), *present)
 
 
 class _Sampler(nn.Module):
@@ -173,7 +228,7 @@ def _export(module: nn.Module, args: tuple, path: Path, inputs, outputs, dynamic
 
 
 def _export_step(model: CALM | ARModel, inputs: torch.Tensor, first: str, out: str, path: Path):
-    """Trace with B=2, T=3, past 5 so that no dimension is specialised to 1."""
+    """Trace with B=2, T=3, past 5 (and 3 noise samples) so that no dimension is specialised."""
     cfg = model.config.backbone
     layers, heads, head_dim = cfg.n_layers, cfg.n_heads, cfg.d_model // cfg.n_heads
     past_names, present_names = _cache_names(layers)
@@ -188,12 +243,21 @@ def _export_step(model: CALM | ARModel, inputs: torch.Tensor, first: str, out: s
         **{name: {0: "batch", 2: "past_steps"} for name in past_names},
         **{name: {0: "batch", 2: "steps"} for name in present_names},
     }
+    if isinstance(model, ARModel):
+        step, draws = (
+            _ARStep(model),
+            {"temperature": torch.tensor(0.7), "uniform": torch.rand(b, 3)},
+        )
+    else:
+        step, draws = _CALMStep(model), {"noise": torch.rand(b, 3, model.config.noise_dim) - 0.5}
+    dynamic |= {"tokens": {0: "batch", 1: "samples"}}
+    dynamic |= {name: {0: "batch", 1: "samples"} for name in draws if name != "temperature"}
     return _export(
-        _Step(model),
-        (inputs, mask, *past),
+        step,
+        (inputs, mask, *draws.values(), *past),
         path,
-        [first, "attention_mask", *past_names],
-        [out, *present_names],
+        [first, "attention_mask", *draws, *past_names],
+        [out, "tokens", *present_names],
         dynamic,
     )
 

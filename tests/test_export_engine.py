@@ -126,13 +126,19 @@ def test_graphs_match_torch(trained):
         mask = np.ones((3, 5), dtype=np.int64)
         mask[0, :2] = 0
         inputs = chunks if kind == "calm" else chunks[..., 0]
-        names = [i.name for i in engine.backbone.get_inputs()]
         empty = np.zeros((3, engine.n_heads, 0, engine.head_dim), dtype=np.float32)
-        out = _run(engine.backbone, dict(zip(names, [inputs, mask] + [empty] * len(names[2:]))))
+        draws = (  # no samples: the fused sampling's outputs are empty
+            {"noise": np.zeros((3, 0, calm.config.noise_dim), dtype=np.float32)}
+            if kind == "calm"
+            else {"temperature": np.array(1.0, np.float32), "uniform": np.zeros((3, 0), np.float32)}
+        )
+        feeds = {engine.input_name: inputs, "attention_mask": mask, **draws}
+        out = _run(engine.backbone, feeds | dict.fromkeys(engine.past_names, empty))
         step = rng.integers(4, model.config.backbone.vocab_size, (3, 1, k))
         mask2 = np.concatenate([mask, np.ones((3, 1), dtype=np.int64)], axis=1)
         step_inputs = step if kind == "calm" else step[..., 0]
-        out2 = _run(engine.backbone, dict(zip(names, [step_inputs, mask2] + out[1:])))
+        feeds = {engine.input_name: step_inputs, "attention_mask": mask2, **draws}
+        out2 = _run(engine.backbone, feeds | dict(zip(engine.past_names, out[2:])))
         with torch.no_grad():
             for got, ids, m in (
                 (out, chunks, mask),
