@@ -22,6 +22,7 @@ from pydantic import (
 
 SCHEMA_VERSION = 1
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MS = timedelta(milliseconds=1)  # built once: this is on every event's path
 
 Identifier = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")]
 Label = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9 &'.,_-]{0,63}$")]
@@ -98,7 +99,7 @@ def event_id(event: IotReading | Transaction) -> str:
 
 def event_time_ms(event: IotReading | Transaction) -> int:
     """Event time as integer milliseconds since the Unix epoch (window arithmetic is exact)."""
-    return (event.ts - _EPOCH) // timedelta(milliseconds=1)
+    return (event.ts - _EPOCH) // _MS
 
 
 def to_json_bytes(event: IotReading | Transaction) -> bytes:

@@ -10,6 +10,7 @@ Trends are Theil-Sen slopes (median of pairwise slopes), so a single spike canno
 spikes are robust z-scores of the residuals around that trend line.
 """
 
+import functools
 import itertools
 import math
 from collections import Counter
@@ -124,10 +125,8 @@ def iot_stats(key: str, start_ms: int, end_ms: int, readings: Sequence[IotReadin
         raise ValueError("a window has at least one reading")
     t = np.array([event_time_ms(r) for r in readings], dtype=np.int64)
     metrics, anomalies = [], []
-    for name, unit in _metric_names(readings):
-        mask = np.array([any(m.name == name for m in r.metrics) for r in readings])
-        values = np.array([m.value for r in readings for m in r.metrics if m.name == name])
-        stats, found = _metric_window(name, unit, t[mask], values)
+    for name, (unit, rows, values) in _metric_columns(readings).items():
+        stats, found = _metric_window(name, unit, t[rows], np.array(values))
         metrics.append(stats)
         anomalies.extend(found)
     gap = _dropout(t, start_ms, end_ms)
@@ -146,12 +145,40 @@ def iot_stats(key: str, start_ms: int, end_ms: int, readings: Sequence[IotReadin
     )
 
 
-def _metric_names(readings: Sequence[IotReading]) -> list[tuple[str, str]]:
-    seen: dict[str, str] = {}
-    for r in readings:
+_Column = tuple[str, list[int], list[float]]  # unit, indices of the readings, values
+
+
+def _metric_columns(readings: Sequence[IotReading]) -> dict[str, _Column]:
+    """Per metric name, in order of first appearance: its unit (as first seen), the indices of
+    the readings that report it and their values, in one pass over the window."""
+    columns: dict[str, _Column] = {}
+    for i, r in enumerate(readings):
         for m in r.metrics:
-            seen.setdefault(m.name, m.unit)
-    return list(seen.items())
+            column = columns.get(m.name)
+            if column is None:
+                column = columns[m.name] = (m.unit, [], [])
+            column[1].append(i)
+            column[2].append(m.value)
+    return columns
+
+
+def median(a: np.ndarray) -> float:
+    """`np.median` of a non-empty 1-D float array without NaNs, bit for bit, without its
+    generic-axis overhead: numpy averages the middle element(s) with a sum that starts at 0.0
+    (so -0.0 becomes 0.0), then divides by their count."""
+    half = len(a) // 2
+    if len(a) % 2:
+        return float(0.0 + np.partition(a, half)[half])
+    middle = np.partition(a, (half - 1, half))
+    return float((0.0 + middle[half - 1] + middle[half]) / 2)
+
+
+@functools.lru_cache(maxsize=256)
+def _pairs(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Index pairs i < j of n points (windows repeat the same few sizes)."""
+    i, j = np.triu_indices(n, k=1)
+    i.flags.writeable = j.flags.writeable = False  # shared between calls
+    return i, j
 
 
 def theil_sen(t_hours: np.ndarray, y: np.ndarray) -> tuple[float, float]:
@@ -162,11 +189,11 @@ def theil_sen(t_hours: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     """
     if len(y) < 2:
         return 0.0, float(y[0])
-    i, j = np.triu_indices(len(y), k=1)
+    i, j = _pairs(len(y))
     dt = t_hours[j] - t_hours[i]
     ok = (dt > 0) & (dt >= (t_hours[-1] - t_hours[0]) / 4)
-    slope = float(np.median((y[j] - y[i])[ok] / dt[ok])) if ok.any() else 0.0
-    return slope, float(np.median(y - slope * t_hours))
+    slope = median((y[j] - y[i])[ok] / dt[ok]) if ok.any() else 0.0
+    return slope, median(y - slope * t_hours)
 
 
 def _metric_window(
@@ -208,7 +235,7 @@ def _spike(
     if len(y) < 5:
         return None
     residual = y - (intercept + slope * t_hours)
-    scale = 1.4826 * float(np.median(np.abs(residual - np.median(residual))))
+    scale = 1.4826 * median(np.abs(residual - median(residual)))
     scale = max(scale, rule.noise_floor if rule else 1e-9)
     z = np.abs(residual) / scale
     worst = int(np.argmax(z))
@@ -224,9 +251,10 @@ def _spike(
 
 def _stuck(name: str, unit: str, t_ms: np.ndarray, y: np.ndarray) -> Anomaly | None:
     # Longest run of exactly equal consecutive values: live sensors always jitter.
+    values = y.tolist()  # Python floats: the loop below is per element
     best_start, best_len, run_start = 0, 1, 0
-    for i in range(1, len(y) + 1):
-        if i == len(y) or y[i] != y[run_start]:
+    for i in range(1, len(values) + 1):
+        if i == len(values) or values[i] != values[run_start]:
             if i - run_start > best_len:
                 best_start, best_len = run_start, i - run_start
             run_start = i

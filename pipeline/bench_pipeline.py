@@ -13,8 +13,9 @@ One run, one broker, the same topics:
    committed result row, p50 and p99;
 7. peak memory (max RSS) per actor.
 
-Pipeline rates count from the first record polled to the last offset commit, leaving out actor
-start-up and the quiet period that detects the end of the backlog.
+Pipeline rates count from the start of the poll that brought the first record (its fetch included,
+as in (2)) to the last offset commit, leaving out actor start-up and the quiet period that detects
+the end of the backlog.
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ from operators.windows import WindowSpec
 from pipeline.dlq import DeadLetterWriter
 from pipeline.inference import InferenceActor
 from pipeline.metrics import MetricsReporter
-from pipeline.processing import FlowConfig, WindowStage
+from pipeline.processing import FlowConfig, WindowRequest, WindowStage
 from pipeline.ray_runtime import init_ray
 from pipeline.settings import Settings, kafka_client_options
 from pipeline.sinks import SinkActor, local_root
@@ -68,8 +68,8 @@ class JobReport:
 
     @property
     def processing_seconds(self) -> float:
-        """From the first record polled to the last commit, minus the quiet time that detected
-        the end of a bounded input (the slowest source decides)."""
+        """From the poll that brought the first record to the last commit, minus the quiet time
+        that detected the end of a bounded input (the slowest source decides)."""
         starts = [s["first_record_at"] for s in self.sources if "first_record_at" in s]
         if not starts:
             return float("nan")
@@ -97,6 +97,12 @@ def ensure_topics(settings: Settings, names: list[str], partitions: int = 1) -> 
         admin.close()
 
 
+def request_flush(sink: ray.actor.ActorHandle) -> None:
+    """A draining source's call: the sink commits what it buffered now, not at its next rotation
+    (without waiting for it: the source keeps reading acks meanwhile)."""
+    sink.flush.remote()
+
+
 def node_shares(nodes: list[str]) -> list[float]:
     """Each inference actor's share of its node: the node's price is spread over its actors."""
     counts = Counter(nodes)
@@ -118,6 +124,10 @@ def run_pipeline(
     started = time.monotonic()
     p, r = settings.ray.source_actors, settings.ray.inference_actors
     requests = Queue(maxsize=settings.ray.queue_max_batches, actor_options={"num_cpus": 0})
+    # The queue actor unpickles what it holds: let it import the items' module (and all that
+    # module imports) now, at start-up, not while the first source waits on its first put.
+    requests.put(WindowRequest)
+    requests.get()
     # On the driver's node: the metrics endpoint (and the sink volume) live where the chart's
     # Service and ServiceMonitor look, on the Ray head that runs `calm-stream run`.
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
@@ -170,6 +180,7 @@ def run_pipeline(
                 report=MetricsReporter(sink, requests),
                 name=f"source-{i}",
                 group_instance_id=f"{settings.kafka.group_id}-source-{i}",
+                flush_downstream=partial(request_flush, sink),
             )
             for i in range(p)
         ]

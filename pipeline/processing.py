@@ -16,7 +16,10 @@ is rebuilt with the same events, hence the same row.
 
 from __future__ import annotations
 
+import functools
+import itertools
 import json
+import operator
 import time
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
@@ -73,6 +76,11 @@ class DeadLetter:
     @property
     def partition(self) -> int:
         return self.record.partition
+
+
+_partition_of = operator.attrgetter("topic", "partition")
+# A record's Kafka timestamp as the decoder's clock; records produced together share it.
+_record_clock = functools.lru_cache(maxsize=1)(from_millis)
 
 
 def row_key(topic: str, partition: int, start_ms: int, entity: str) -> str:
@@ -138,7 +146,7 @@ class PartitionFlow:
         self.stats["processed"] += 1
         self._trail[record.offset] = (record.timestamp_ms, self.windower.watermark_ms)
         self.next_offset = record.offset + 1
-        now = from_millis(record.timestamp_ms) if record.timestamp_ms >= 0 else None
+        now = _record_clock(record.timestamp_ms) if record.timestamp_ms >= 0 else None
         event = decode(
             record.value, max_bytes=self.config.max_bytes, expected_kind=self.kind, now=now
         )
@@ -245,14 +253,15 @@ class WindowStage:
     def process(self, records: list[SourceRecord]) -> Work:
         requests: list[WindowRequest] = []
         letters: list[DeadLetter] = []
-        for record in records:
-            tp = TopicPartition(record.topic, record.partition)
-            flow = self.flows.get(tp)
-            if flow is None:  # the partition was revoked after this record was fetched
+        # A poll hands over each partition's records in one run: find its flow once per run.
+        for (topic, partition), run in itertools.groupby(records, key=_partition_of):
+            flow = self.flows.get(TopicPartition(topic, partition))
+            if flow is None:  # the partition was revoked after these records were fetched
                 continue
-            new_requests, new_letters = flow.process(record)
-            requests += new_requests
-            letters += new_letters
+            for record in run:
+                new_requests, new_letters = flow.process(record)
+                requests += new_requests
+                letters += new_letters
         return self._work(requests, letters)
 
     def end_of_input(self) -> Work:

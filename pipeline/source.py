@@ -18,6 +18,7 @@ and `pipeline.processing.WindowStage` (the streaming pipeline's decode/window/re
 
 from __future__ import annotations
 
+import gc
 import itertools
 import logging
 import resource
@@ -27,7 +28,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from queue import SimpleQueue
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import ray
 from kafka import KafkaConsumer
@@ -39,8 +40,9 @@ from ray.util.queue import Empty, Full, Queue
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class SourceRecord:
+class SourceRecord(NamedTuple):
+    """One polled message (a tuple: one is made per message, a frozen dataclass costs more)."""
+
     topic: str
     partition: int
     offset: int
@@ -180,7 +182,8 @@ class _Rebalance(AsyncConsumerRebalanceListener):
 
 @ray.remote(max_concurrency=2)  # `stop` and `stats` are served while `run` loops
 class KafkaSourceActor:
-    """Polls `topics` in consumer group `group_id` and puts the stage's work on `out`."""
+    """Polls `topics` in consumer group `group_id` and puts the stage's work on `out`;
+    `flush_downstream`, called while draining, asks the sink to make what it holds durable now."""
 
     def __init__(
         self,
@@ -198,6 +201,7 @@ class KafkaSourceActor:
         name: str = "source",
         commit_interval_s: float = 0.2,
         group_instance_id: str | None = None,
+        flush_downstream: Callable[[], None] | None = None,
     ) -> None:
         self._out, self._acks = out, acks
         self._acked: SimpleQueue[Any] = SimpleQueue()  # filled by `acknowledge` on another thread
@@ -206,6 +210,7 @@ class KafkaSourceActor:
         self._report, self.name = report, name
         self._max_records, self._poll_timeout_ms = max_records, poll_timeout_ms
         self._commit_interval_s = commit_interval_s
+        self._flush_downstream = flush_downstream
         self._stopping = threading.Event()
         self._joined = False
         self._paused_at: float | None = None
@@ -213,6 +218,7 @@ class KafkaSourceActor:
         self._next: dict[TopicPartition, int] = {}
         self._committed: dict[TopicPartition, int] = {}
         self._stash: list[SourceRecord] = []  # polled while paused (a rebalance added partitions)
+        self._put_in_flight: tuple[ray.ObjectRef, Any] | None = None  # (ref, item): see `_put`
         self._last_commit = self._last_report = 0.0
         self.stats = {"records": 0, "batches": 0, "commits": 0, "revoked": 0, "paused_seconds": 0.0}
         # A static member (`group_instance_id`) that restarts takes its partitions back at once
@@ -225,6 +231,13 @@ class KafkaSourceActor:
             **client_options,
         )
         self._consumer.subscribe(topics, listener=_Rebalance(self))
+        # Know the topics before the first poll joins the group: a leader without their metadata
+        # assigns nothing, and the group only rebalances (seconds later) once it has it.
+        for topic in topics:
+            self._consumer.partitions_for_topic(topic)
+        # What exists now (Ray, kafka-python, pydantic's schemas) lives as long as the actor:
+        # keep the collector's full passes, triggered by the objects each event makes, off it.
+        gc.freeze()
 
     # ------------------------------------------------------------------ public
 
@@ -248,10 +261,11 @@ class KafkaSourceActor:
             self._acknowledge()
             self._commit()
             self._maybe_report()
+            polled_at = time.time()
             records = self._poll(self._poll_timeout_ms)
             if records:
                 idle_since = time.monotonic()
-                clock.setdefault("first_record_at", time.time())
+                clock.setdefault("first_record_at", polled_at)  # the clock includes that fetch
                 self._hand_over(self._stage.process(records))
                 clock["last_record_at"] = time.time()
             elif (
@@ -344,10 +358,22 @@ class KafkaSourceActor:
             self._put(item)
 
     def _put(self, item: Any) -> None:
-        while True:
+        """Queue `item` behind the previous put, without waiting for this one: the round trip to
+        the queue actor overlaps the next poll. One put at most is in flight, so items keep their
+        order, and a full queue is noticed (and waited out) before the next item goes."""
+        self._confirm_put()
+        self._put_in_flight = (self._put_remote(item), item)
+
+    def _put_remote(self, item: Any) -> ray.ObjectRef:
+        return self._out.actor.put.remote(item, self._poll_timeout_ms / 1000)
+
+    def _confirm_put(self) -> None:
+        """Wait until the put in flight is in the queue, retrying it while the queue is full."""
+        while self._put_in_flight is not None:
+            ref, item = self._put_in_flight
             try:
-                self._out.put(item, timeout=self._poll_timeout_ms / 1000)
-                break
+                ray.get(ref)
+                self._put_in_flight = None
             except Full:
                 # Backpressure: stop fetching but keep the group membership alive.
                 if self._paused_at is None:
@@ -357,6 +383,7 @@ class KafkaSourceActor:
                 self._acknowledge()
                 self._commit()
                 self._maybe_report()
+                self._put_in_flight = (self._put_remote(item), item)
         if self._paused_at is not None:
             self._consumer.resume(*self._consumer.paused())
             self.stats["paused_seconds"] += time.monotonic() - self._paused_at
@@ -418,10 +445,13 @@ class KafkaSourceActor:
         return all(self._consumer.position(tp) >= ends[tp] for tp in assigned)
 
     def _drain(self, timeout_s: float) -> None:
+        self._confirm_put()
         deadline = time.monotonic() + timeout_s
         while self._stage.pending() and time.monotonic() < deadline:
             self._acknowledge()
             self._commit()
+            if self._flush_downstream is not None:  # the last items need not wait for a timer
+                self._flush_downstream()
             time.sleep(0.05)
         if self._stage.pending():
             log.warning(

@@ -152,6 +152,7 @@ def encode(obj: object) -> bytes:
         (b"", Reason.EMPTY, None),
         (b"x" * 70_000, Reason.TOO_LARGE, None),
         (b'{"kind": "iot", \xff}', Reason.NOT_UTF8, None),
+        (encode(reading()).replace(b'"iot"', b'"io\xfft"'), Reason.NOT_UTF8, None),  # in a string
         (b'{"kind": "iot",', Reason.MALFORMED_JSON, None),
         (b"[" * 10_000 + b"]" * 10_000, Reason.MALFORMED_JSON, None),
         (b"[1, 2]", Reason.NOT_OBJECT, None),

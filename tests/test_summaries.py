@@ -11,7 +11,7 @@ import pytest
 from operators.events import IotReading, Metric, Transaction, from_millis
 from operators.facts import ENTITY, NUMBER, extract_facts, reference_facts, score
 from operators.prompts import PROMPT_END, render_prompt
-from operators.stats import Quantity, iot_stats, theil_sen, txn_stats, window_stats
+from operators.stats import Quantity, iot_stats, median, theil_sen, txn_stats, window_stats
 from operators.summaries import summarize
 from operators.windows import ClosedWindow, Windower, WindowSpec
 from pipeline.corpus_build import window_stream
@@ -189,6 +189,14 @@ def test_payment_detectors_on_handmade_windows() -> None:
         "high",
         ["2.0", "6710"],
     )
+
+
+def test_median_is_numpys_to_the_bit() -> None:
+    # Prompts must not move by one ulp (the model was trained on them): signed zeros, ties, sizes.
+    rng = np.random.default_rng(0)
+    for n in [*range(1, 40), 435]:
+        for a in (rng.normal(size=n), rng.choice([-0.0, 0.0, 1.5, -2.0], size=n)):
+            assert repr(median(a)) == repr(float(np.median(a)))
 
 
 def test_theil_sen_ignores_a_spike_and_quantities_never_print_minus_zero() -> None:
