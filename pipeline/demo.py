@@ -117,12 +117,17 @@ def _tags(tags: Counter) -> str:
 def show(report: JobReport, console: Console) -> None:
     """Results, throughput, cost and where the files are."""
     results = read_dataset(Path(report.paths["results"]), schema=RESULT_SCHEMA)
-    table = Table("kind", "entity", "window (UTC)", "events", "output", title="results (sample)")
+    table = Table(
+        "kind", "entity", "window (UTC)", "events", "facts", "output", title="results (sample)"
+    )
     ordered = results.sort_by([("window_start", "ascending"), ("key", "ascending")]).to_pylist()
     for kind in ("iot", "transaction"):
         for row in [r for r in ordered if r["kind"] == kind][:4]:
             window = f"{row['window_start']:%m-%d %H:%M}-{row['window_end']:%H:%M}"
-            table.add_row(kind, row["entity"], window, str(row["events"]), _short(row["output"]))
+            facts = _share(row["fact_accuracy"])
+            table.add_row(
+                kind, row["entity"], window, str(row["events"]), facts, _short(row["output"])
+            )
     console.print(table)
     summary = Table("", "", title="run")
     for name, value in summary_rows(report, sink_report(Path(report.paths["results"]).parent)):
@@ -132,7 +137,7 @@ def show(report: JobReport, console: Console) -> None:
 
 def summary_rows(report: JobReport, sink: dict[str, Any]) -> list[tuple[str, str]]:
     seconds, tokens = report.processing_seconds, report.tokens_out
-    cost, dead = sink["telemetry"], sink["dead_letters"]
+    cost, dead, faithful = sink["telemetry"], sink["dead_letters"], sink["results"]["faithfulness"]
     ratio = cost["baseline_vs_calm_flops"]
     return [
         ("events consumed", f"{report.records:,}"),
@@ -142,6 +147,14 @@ def summary_rows(report: JobReport, sink: dict[str, Any]) -> list[tuple[str, str
         ),
         ("result rows", f"{sink['results']['rows']:,} (one per closed window)"),
         ("model", ", ".join(sorted(sink["results"]["by_model"]))),
+        (
+            "fact accuracy",
+            (
+                f"{_share(faithful['fact_accuracy_mean'])} of the windows' facts stated correctly; "
+                f"{faithful['rows_with_invented_facts']} of {faithful['rows_scored']} summaries "
+                "state a fact their window does not have"
+            ),
+        ),
         (
             "throughput",
             (
@@ -162,6 +175,10 @@ def summary_rows(report: JobReport, sink: dict[str, Any]) -> list[tuple[str, str
         ("telemetry", report.paths["telemetry"]),
         ("dead letters", report.paths["dlq"]),
     ]
+
+
+def _share(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.0%}"
 
 
 def _money(amount: float | None) -> str:

@@ -35,6 +35,7 @@ from model.engine import Engine, Request, Result, Sampling
 from operators.chunking import num_left_pads
 from operators.cost import ar_request_flops, baseline_of, calm_request_flops
 from operators.events import from_millis
+from operators.facts import score
 from pipeline.processing import WindowRequest
 from pipeline.settings import ModelSettings, PricingSettings
 from pipeline.telemetry import BatchTiming, batch_telemetry
@@ -192,6 +193,18 @@ class Batcher(Generic[T]):
         return batch
 
 
+def faithfulness(
+    request: WindowRequest, generated: Generated, model: Model, task: str
+) -> dict[str, Any]:
+    """How faithful a summary is to its window: the share of the window's facts it states
+    correctly (operators.facts) and how many facts it states that the window does not have.
+    None where nothing was summarized (another task, or the model switched off)."""
+    if task != "summarize" or isinstance(model, Passthrough):
+        return {"fact_accuracy": None, "invented_facts": None}
+    s = score(generated.output, request.facts)
+    return {"fact_accuracy": s.accuracy, "invented_facts": s.stated - s.matched}
+
+
 def result_row(
     request: WindowRequest,
     generated: Generated,
@@ -217,6 +230,8 @@ def result_row(
         "prompt": request.prompt,
         "output": generated.output,
         "finish_reason": generated.finish_reason,
+        "facts": list(request.facts),
+        **faithfulness(request, generated, model, task),
         "model_name": model.name,
         "model_version": model.version,
         "k": model.k,

@@ -30,8 +30,11 @@ class PipelineMetrics:
         self.registry = r = CollectorRegistry()
         model = ["gen_ai_operation_name", "gen_ai_response_model"]
 
+        def per_model(name: str, documentation: str, buckets: tuple[float, ...]) -> Histogram:
+            return Histogram(name, documentation, model, buckets=buckets, registry=r)
+
         def latency(name: str, documentation: str) -> Histogram:
-            return Histogram(name, documentation, model, buckets=SECONDS, registry=r)
+            return per_model(name, documentation, SECONDS)
 
         # OpenTelemetry GenAI
         self.token_usage = Histogram(
@@ -69,6 +72,18 @@ class PipelineMetrics:
             buckets=SECONDS,
             registry=r,
         )
+        # Faithfulness of summaries to their windows (operators.facts)
+        self.fact_accuracy = per_model(
+            "calm_summary_fact_accuracy",
+            "Share of a window's facts its summary states correctly (facts stated or expected).",
+            (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.99, 1.0),
+        )
+        self.invented_facts = Counter(
+            "calm_summary_invented_facts",
+            "Facts summaries state that their windows do not have.",
+            model,
+            registry=r,
+        )
         # CALM: steps, FLOPs and cost
         self.steps = Counter(
             "calm_generative_steps", "Generative steps (K tokens each at most).", model, registry=r
@@ -76,12 +91,10 @@ class PipelineMetrics:
         self.draws = Counter(
             "calm_head_draws", "Chunks drawn from the energy head.", model, registry=r
         )
-        self.tokens_per_step = Histogram(
+        self.tokens_per_step = per_model(
             "calm_tokens_per_step",
             "Generated tokens per step, per batch.",
-            model,
-            buckets=(0.5, 1, 1.5, 2, 2.5, 3, 3.5, 4, 6, 8, 16),
-            registry=r,
+            (0.5, 1, 1.5, 2, 2.5, 3, 3.5, 4, 6, 8, 16),
         )
         self.flops = Counter("calm_flops", "Analytic FLOPs of the batches run.", model, registry=r)
         self.cost = Counter(
@@ -185,6 +198,9 @@ class PipelineMetrics:
             self.queue_time.labels(*labels).observe(row["queue_seconds"])
             self.prefill_time.labels(*labels).observe(row["prefill_seconds"])
             self.decode_time.labels(*labels).observe(row["decode_seconds"])
+            if row["fact_accuracy"] is not None:
+                self.fact_accuracy.labels(*labels).observe(row["fact_accuracy"])
+                self.invented_facts.labels(*labels).inc(row["invented_facts"])
 
     def _telemetry(self, rows: Iterable[dict[str, Any]]) -> None:
         for row in rows:

@@ -29,6 +29,7 @@ from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from operators.decode import DecodeError, decode
 from operators.events import from_millis
+from operators.facts import reference_facts
 from operators.prompts import render_prompt
 from operators.stats import window_stats
 from operators.windows import ClosedWindow, Rejected, Windower, WindowSpec
@@ -51,6 +52,7 @@ class WindowRequest:
     events: int
     last_ingested_ms: int  # Kafka timestamp of the window's newest record
     prompt: str
+    facts: tuple[str, ...]  # what a faithful summary of the window states (operators.facts)
     origin: int  # index of the source actor waiting for the ack
     closed_at: float  # wall clock when the window closed (queue time starts here)
 
@@ -208,7 +210,7 @@ class PartitionFlow:
         self._pending[key] = first
         self.stats["windows"] += 1
         events = window.events
-        prompt = render_prompt(window_stats(window.key, window.start_ms, window.end_ms, events))
+        stats = window_stats(window.key, window.start_ms, window.end_ms, events)
         return WindowRequest(
             key=key,
             topic=self.topic,
@@ -221,7 +223,8 @@ class PartitionFlow:
             last_offset=last,
             events=len(events),
             last_ingested_ms=self._trail[last][0],
-            prompt=prompt,
+            prompt=render_prompt(stats),
+            facts=tuple(sorted(reference_facts(stats).elements())),
             origin=self.config.origin,
             closed_at=time.time(),
         )

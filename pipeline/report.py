@@ -2,8 +2,9 @@
 
 The same figures a dashboard reads: result rows by kind and model, tokens and generative steps,
 head draws per step, $ per 1k tokens next to the discrete baseline's counterfactual, the FLOPs
-ratio, latency percentiles and dead letters by reason. Only committed files count (a reader
-never sees a file the sink has not renamed into place).
+ratio, latency percentiles, the summaries' fact accuracy against their windows and dead letters
+by reason. Only committed files count (a reader never sees a file the sink has not renamed into
+place).
 """
 
 from __future__ import annotations
@@ -34,6 +35,17 @@ def _percentiles(values: list[float]) -> dict[str, float]:
     return {"p50": round(float(p50), 4), "p99": round(float(p99), 4)}
 
 
+def _faithfulness(results: pa.Table) -> dict[str, Any]:
+    """Summaries against their windows' facts: mean fact accuracy, and how many rows state a
+    fact their window does not have (rows without a summary are not scored)."""
+    scored = results.filter(pc.is_valid(results["fact_accuracy"]))
+    return {
+        "rows_scored": scored.num_rows,
+        "fact_accuracy_mean": pc.mean(scored["fact_accuracy"]).as_py(),
+        "rows_with_invented_facts": pc.sum(pc.greater(scored["invented_facts"], 0)).as_py() or 0,
+    }
+
+
 def sink_report(root: Path) -> dict[str, Any]:
     """Summary of the `results/`, `telemetry/` and `dlq/` datasets under `root`."""
     results = read_dataset(root / "results", schema=RESULT_SCHEMA)
@@ -58,6 +70,7 @@ def sink_report(root: Path) -> dict[str, Any]:
             "tokens_in": int(_total(results, "tokens_in")),
             "tokens_out": int(_total(results, "tokens_out")),
             "latency_seconds": _percentiles(results.column("latency_seconds").to_pylist()),
+            "faithfulness": _faithfulness(results),
         },
         "telemetry": {
             "batches": telemetry.num_rows,

@@ -59,6 +59,9 @@ RESULT_SCHEMA = pa.schema(
         ("prompt", pa.string()),
         ("output", pa.string()),
         ("finish_reason", pa.string()),
+        ("facts", pa.list_(pa.string())),  # the window's facts, as a faithful summary states them
+        ("fact_accuracy", pa.float64()),  # null where nothing was summarized
+        ("invented_facts", pa.int32()),  # facts the output states that the window does not have
         ("model_name", pa.string()),
         ("model_version", pa.string()),
         ("k", pa.int32()),

@@ -400,6 +400,7 @@ DASHBOARD_PANELS = {
     "dead letters": {"calm_dead_letters_total"},
     "$ per 1k": {"calm_cost_dollars_total", "calm_generation_tokens_total"},
     "calm vs discrete baseline": {"calm_cost_dollars_total", "calm_baseline_cost_dollars_total"},
+    "fact accuracy": {"calm_summary_fact_accuracy_bucket", "calm_summary_invented_facts_total"},
 }
 SERIES = re.compile(r"\b((?:calm|gen_ai)_[a-z0-9_]+)\b")
 

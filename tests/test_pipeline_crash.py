@@ -38,6 +38,7 @@ from pipeline_helpers import (
 from model.bundle import Registry
 from model.engine import Engine, Request, Sampling
 from operators.events import from_millis
+from operators.facts import reference_facts
 from operators.prompts import render_prompt
 from operators.stats import window_stats
 from operators.windows import WindowSpec
@@ -131,7 +132,8 @@ def expected_rows(settings, registry: Path) -> dict[str, dict]:
     for topic in (settings.kafka.topics.iot, settings.kafka.topics.transactions):
         for key, expected in reference_windows(settings, topic)[0].items():
             w = expected.window
-            prompt = render_prompt(window_stats(w.key, w.start_ms, w.end_ms, w.events))
+            stats = window_stats(w.key, w.start_ms, w.end_ms, w.events)
+            prompt = render_prompt(stats)
             seed = row_seed(key, bundle.id)
             out = engine.generate(
                 [Request(engine.prompt_ids(prompt), seed, settings.model.max_new_tokens)], sampling
@@ -151,6 +153,7 @@ def expected_rows(settings, registry: Path) -> dict[str, dict]:
                 "prompt": prompt,
                 "output": out.text,
                 "finish_reason": out.finish_reason,
+                "facts": sorted(reference_facts(stats).elements()),
                 "model_name": bundle.name,
                 "model_version": bundle.version,
                 "seed": seed,

@@ -26,6 +26,8 @@ from pipeline_helpers import (
 from prometheus_client.parser import text_string_to_metric_families
 
 from deploy.local_kafka import _free_ports
+from operators.facts import reference_facts, score
+from operators.stats import window_stats
 from pipeline.job import JobOptions, run_pipeline
 from pipeline.simulator import Mess
 
@@ -85,13 +87,24 @@ def test_every_window_once_every_bad_message_in_the_dlq_offsets_at_the_end(
     results = read_back(tmp_path / "sink", "results")
     keys = results.column("key").to_pylist()
     assert len(keys) == len(set(keys))  # no key twice
-    expected_keys, expected_reasons = set(), Counter()
+    expected_facts, expected_reasons = {}, Counter()
     for topic in (topics.iot, topics.transactions):
         topic_windows, topic_reasons = reference_windows(settings, topic)
-        expected_keys |= set(topic_windows)
+        for key, expected in topic_windows.items():
+            w = expected.window
+            stats = window_stats(w.key, w.start_ms, w.end_ms, w.events)
+            expected_facts[key] = sorted(reference_facts(stats).elements())
         expected_reasons += topic_reasons
-    assert set(keys) == expected_keys  # exactly one row per closed window
+    assert set(keys) == set(expected_facts)  # exactly one row per closed window
     assert report.sink["results"] == len(keys)
+
+    # Each summary is scored against its own window's facts.
+    for row in results.select(
+        ["key", "output", "facts", "fact_accuracy", "invented_facts"]
+    ).to_pylist():
+        assert row["facts"] == expected_facts[row["key"]]
+        s = score(row["output"], row["facts"])
+        assert row["fact_accuracy"] == s.accuracy and row["invented_facts"] == s.stated - s.matched
 
     # Every malformed message is in the DLQ, byte for byte, with the reason the simulator meant.
     dlq = read_back(tmp_path / "sink", "dlq")
@@ -143,6 +156,10 @@ def test_every_window_once_every_bad_message_in_the_dlq_offsets_at_the_end(
         pc.sum(telemetry.column("dollars")).as_py()
     )
     assert shown["dead_letters"]["by_reason"] == dict(expected_reasons)
+    assert shown["results"]["faithfulness"]["rows_scored"] == results.num_rows
+    assert shown["results"]["faithfulness"]["fact_accuracy_mean"] == pytest.approx(
+        pc.mean(results.column("fact_accuracy")).as_py()
+    )
     assert shown["telemetry"]["baseline_vs_calm_flops"] == pytest.approx(
         pc.sum(telemetry.column("baseline_flops")).as_py()
         / pc.sum(telemetry.column("flops")).as_py()
@@ -160,5 +177,6 @@ def test_every_window_once_every_bad_message_in_the_dlq_offsets_at_the_end(
         "calm_cost_per_step_dollars",
         "calm_baseline_cost_dollars_total",
         "calm_results_committed_total",
+        "calm_summary_fact_accuracy_bucket",
     ):
         assert name in text, name
