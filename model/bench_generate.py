@@ -33,12 +33,15 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from model.config import config_from_dict
 from model.flops import inference_flops_per_token
+
+if TYPE_CHECKING:
+    from model.bundle import Bundle
 
 T1 = "t1"
 SUMMARIZE = "summarize"
@@ -60,8 +63,9 @@ def simulated_prompts(n: int, seed: int = 20261128) -> list[dict[str, Any]]:
     return [{"prompt": r["prompt"], "facts": r["facts"]} for r in unique]
 
 
-def matmul_peak(threads: int, n: int = 2048, repeats: int = 5) -> float:
-    """Best float32 FLOP/s of an n x n matmul with numpy's BLAS on `threads` threads."""
+def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
+    """Best float32 FLOP/s of an n x n matmul with numpy's BLAS, on the threads the worker
+    process was started with (`_subprocess_json` sets OMP/OPENBLAS/MKL_NUM_THREADS)."""
     a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
     a @ a
     best = min(_seconds(lambda: a @ a) for _ in range(repeats))
@@ -153,10 +157,8 @@ def _cases(backend: str, graphs: set[str], round_: int) -> list[dict[str, Any]]:
 class _Ort:
     """The onnxruntime engine behind the benchmark's run interface."""
 
-    def __init__(self, bundle_dir: Path, threads: int):
-        from model.bundle import load_bundle
-
-        self.bundle = load_bundle(bundle_dir)
+    def __init__(self, bundle: "Bundle", threads: int):
+        self.bundle = bundle
         self.threads = threads
         self.engines: dict[tuple[str, bool], Any] = {}
 
@@ -195,15 +197,13 @@ class _Ort:
 class _Torch:
     """model/generate.py with torch eager (trained weights from a run, or random ones)."""
 
-    def __init__(self, bundle_dir: Path, threads: int, checkpoint: Path | None):
+    def __init__(self, bundle: "Bundle", threads: int, checkpoint: Path | None):
         import torch
 
-        from model.bundle import load_bundle
         from model.checkpoint import build_model
         from model.tokenizer import BOS_ID, Tokenizer
 
         torch.set_num_threads(threads)
-        bundle = load_bundle(bundle_dir)
         self.tokenizer, self.bos = Tokenizer.load(bundle.tokenizer_path), BOS_ID
         if checkpoint is not None:
             from model.export import load_training_run
@@ -253,14 +253,15 @@ def _score(texts: list[str], facts: list[list[str]]) -> dict[str, float]:
 
 def run_worker(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Time every case of one backend; returns one row per case."""
-    backend = (
-        _Ort(args.bundle, args.threads)
-        if args.worker == "onnxruntime"
-        else _Torch(args.bundle, args.threads, args.checkpoint)
-    )
     from model.bundle import load_bundle
 
-    manifest = load_bundle(args.bundle).manifest
+    bundle = load_bundle(args.bundle)  # verifies every file's hash: once per worker
+    backend = (
+        _Ort(bundle, args.threads)
+        if args.worker == "onnxruntime"
+        else _Torch(bundle, args.threads, args.checkpoint)
+    )
+    manifest = bundle.manifest
     records = [json.loads(line) for line in Path(args.prompts).read_text().splitlines()]
     ids = [backend.prompt_ids(r["prompt"]) for r in records]
     backend.warm_up(ids[0])
@@ -506,7 +507,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sampler", default="adaptive")
     args = parser.parse_args(argv)
     if args.worker == "peak":
-        print(json.dumps(matmul_peak(args.threads)))
+        print(json.dumps(matmul_peak()))
     elif args.worker:
         print(json.dumps(run_worker(args)))
     else:

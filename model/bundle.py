@@ -234,7 +234,7 @@ class Registry:
         try:
             with self.fs.open_input_stream(self._join(LATEST)) as f:
                 name = f.read().decode().strip()
-        except (FileNotFoundError, OSError):
+        except OSError:  # FileNotFoundError included
             raise BundleError(
                 f"registry {self.uri}: no {LATEST} pointer (publish a bundle)"
             ) from None

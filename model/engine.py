@@ -19,9 +19,9 @@ produce the same tokens:
   is confident). AR samples softmax(logits / T), or argmax at T = 0.
 
 Fused sampling: at T = 1 (CALM) or T > 0 (AR) the step graph also samples the next chunk from
-the draws fed beside it (model/export.py), taken from each row's generator exactly as the numpy
-path takes them, so a generative step is one call: a batch-1 step is bound by the call and node
-overhead and by streaming the weights, not by arithmetic.
+the draws fed beside it (model/export.py), taken from each row's generator exactly as
+model/generate.py takes them, so a generative step is one call: a batch-1 step is bound by the
+call and node overhead and by streaming the weights, not by arithmetic.
 
 Sessions are tuned for CPU throughput: full graph optimisation, sequential execution, explicitly
 sized intra-op pools that do not spin. The KV cache is a preallocated numpy buffer that the graph
@@ -216,6 +216,8 @@ class Engine:
     def _calm_next(
         self, hidden: np.ndarray, rngs: list[np.random.Generator], s: Sampling
     ) -> tuple[np.ndarray, np.ndarray]:
+        """CALM's next chunks at T < 1: the temperature samplers drawing through the sampler
+        graph (at T = 1 the fused step graph samples them)."""
         noise_dim = self.config["noise_dim"]
 
         def draw(rows: np.ndarray) -> np.ndarray:
@@ -236,8 +238,6 @@ class Engine:
             )[:, 0]
 
         b = len(rngs)
-        if s.temperature == 1.0:
-            return draw(np.arange(b)), np.ones(b, dtype=np.int64)
         if s.sampler == "approximate":
             pool = draw(np.repeat(np.arange(b), s.pool_size)).reshape(b, s.pool_size, -1)
             chunks = chunk_samplers.approximate_temperature_sample(pool, s.temperature, rngs)
@@ -250,34 +250,22 @@ class Engine:
             )
         return out.chunks, out.draws
 
-    @staticmethod
-    def _ar_next(
-        logits: np.ndarray, rngs: list[np.random.Generator], s: Sampling
-    ) -> tuple[np.ndarray, np.ndarray]:
-        ones = np.ones(len(rngs), dtype=np.int64)
-        if s.temperature == 0.0:
-            return logits.argmax(-1)[:, None], ones
-        z = logits.astype(np.float32) / np.float32(s.temperature)
-        cdf = np.exp(z - z.max(-1, keepdims=True)).cumsum(-1)
-        u = np.array([g.random(dtype=np.float32) for g in rngs], dtype=np.float32)
-        token = (cdf <= (u * cdf[:, -1])[:, None]).sum(-1).clip(max=cdf.shape[-1] - 1)
-        return token[:, None], ones
-
     # -- the loop ----------------------------------------------------------------------------
 
     def _check(self, requests: Sequence[Request], s: Sampling) -> None:
         if not requests:
             raise ValueError("no requests")
-        low = 0.0 if self.kind == "ar" else np.nextafter(0.0, 1.0)
-        if not low <= s.temperature <= 1.0:
+        t = s.temperature
+        if not (0.0 <= t <= 1.0 if self.kind == "ar" else 0.0 < t <= 1.0):
             allowed = "[0, 1] (0 = greedy)" if self.kind == "ar" else "(0, 1]"
-            raise ValueError(f"temperature {s.temperature} outside {allowed} for {self.kind}")
+            raise ValueError(f"temperature {t} outside {allowed} for {self.kind}")
         if s.sampler not in ("exact", "approximate", "adaptive") or s.pool_size < 1:
             raise ValueError(f"unknown sampler {s.sampler!r} or pool_size {s.pool_size} < 1")
+        vocab = self.config["backbone"]["vocab_size"]
         for i, r in enumerate(requests):
             if r.max_new_tokens < 0:
                 raise ValueError(f"request {i}: max_new_tokens must be >= 0")
-            vocab, ids = self.config["backbone"]["vocab_size"], np.asarray(r.prompt)
+            ids = np.asarray(r.prompt)
             if ids.size and (ids.min() < 0 or ids.max() >= vocab):
                 raise ValueError(f"request {i}: prompt ids outside the vocabulary 0..{vocab - 1}")
             chunks = -(-len(r.prompt) // self.k)
@@ -313,24 +301,24 @@ class Engine:
         out: list[list[int]] = [[] for _ in range(b)]
         reasons = ["length"] * b
         alive = np.flatnonzero(limits > 0)
+        rngs_alive = [rngs[i] for i in alive]
         if alive.size:
             chunks, mask = pad_prompts([requests[i].prompt for i in alive], self.k, PAD_ID)
             mask = mask.astype(np.int64)
             inputs = chunks if self.kind == "calm" else chunks[..., 0]
             cache = _Cache(len(alive), len(self.past_names), self.n_heads, self.head_dim)
-            draws = self._draws([rngs[i] for i in alive], sampling)
+            draws = self._draws(rngs_alive, sampling)
             hidden, drawn = self._run_backbone(inputs, mask, cache, draws)
             prefilled = time.perf_counter()
             for i in alive:
                 stats[i].prefill_s = prefilled - start
         while alive.size:
-            rngs_alive = [rngs[i] for i in alive]
-            if drawn.shape[1]:  # sampled by the fused step graph
+            if drawn.shape[1]:  # sampled by the fused step graph (CALM at T = 1, AR at T > 0)
                 new, cost = drawn[:, 0].reshape(alive.size, self.k), np.ones(alive.size, np.int64)
             elif self.kind == "calm":
                 new, cost = self._calm_next(hidden, rngs_alive, sampling)
-            else:
-                new, cost = self._ar_next(hidden, rngs_alive, sampling)
+            else:  # AR at T = 0: `hidden` is the logits
+                new, cost = hidden.argmax(-1)[:, None], np.ones(alive.size, np.int64)
             keep = np.ones(alive.size, dtype=bool)
             now = time.perf_counter()
             for j, i in enumerate(alive):
@@ -350,8 +338,9 @@ class Engine:
             if not keep.all():
                 cache.keep(np.flatnonzero(keep))
             alive, new = alive[keep], new[keep]
+            rngs_alive = [rngs[i] for i in alive]
             step_input = new[:, None] if self.kind == "calm" else new
-            draws = self._draws([rngs[i] for i in alive], sampling)
+            draws = self._draws(rngs_alive, sampling)
             hidden, drawn = self._run_backbone(
                 step_input, np.ones((alive.size, 1), np.int64), cache, draws
             )

@@ -3,7 +3,8 @@
 Special ids follow the project convention: <pad>=0, <bos>=1, <eos>=2, <mask>=3 (the
 autoencoder's token dropout). Text is encoded WITHOUT special-token parsing, so an event that
 contains the string "<eos>" stays ordinary text and cannot end a generation early, and
-decode(encode(s)) == s for any Python string (no normalizer; byte-level pre-tokenizer).
+decode(encode(s)) == s for any Python string (no normalizer; byte-level pre-tokenizer, digits
+split one by one).
 
 No torch import: the serving path (onnxruntime workers) uses this module.
 """

@@ -4,6 +4,7 @@ Every model's forward(batch) returns an object with a scalar `.loss`, so one ste
 one loop serve all three; the Ray Train job calls `train_step` from its workers.
 """
 
+import math
 from collections.abc import Iterable, Iterator
 
 import numpy as np
@@ -54,6 +55,14 @@ def evaluate_loss(model: nn.Module, batches: Iterable[np.ndarray], seed: int = 0
     return float(np.mean(losses))
 
 
+def lr_factor(step: int, steps: int, warmup: int, min_ratio: float) -> float:
+    """Linear warmup to 1, then a cosine decay to `min_ratio` at the last step."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
 def fit(
     model: nn.Module,
     batches: Iterator[np.ndarray],
@@ -64,14 +73,9 @@ def fit(
 ) -> list[float]:
     """Train for `steps` steps with linear warmup then a cosine decay to 10 %; returns the losses."""
     optimizer = make_optimizer(model, lr, weight_decay)
-
-    def schedule(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, steps - warmup)
-        return 0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * progress))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, steps, warmup, min_ratio=0.1)
+    )
     losses = []
     for _ in range(steps):
         losses.append(train_step(model, optimizer, next(batches)))

@@ -102,8 +102,8 @@ def train(
     from pipeline.training.job import TrainRequest, run_training
 
     try:
-        train_config = load_train_config(config, list(set_ or []))
-        stages = tuple(plan_stages(list(stage or ["all"])))
+        train_config = load_train_config(config, set_)
+        stages = tuple(plan_stages(stage or ["all"]))
     except TrainConfigError as error:
         raise fail(error) from None
     request = TrainRequest(

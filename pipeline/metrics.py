@@ -36,6 +36,9 @@ class PipelineMetrics:
         def latency(name: str, documentation: str) -> Histogram:
             return per_model(name, documentation, SECONDS)
 
+        def counter(name: str, documentation: str) -> Counter:
+            return Counter(name, documentation, model, registry=r)
+
         # OpenTelemetry GenAI
         self.token_usage = Histogram(
             "gen_ai_client_token_usage",
@@ -55,12 +58,8 @@ class PipelineMetrics:
             "gen_ai_server_time_per_output_token_seconds", "Decode time per generated token."
         )
         # vLLM-style serving metrics
-        self.prompt_tokens = Counter(
-            "calm_prompt_tokens", "Prompt tokens processed.", model, registry=r
-        )
-        self.generation_tokens = Counter(
-            "calm_generation_tokens", "Tokens generated.", model, registry=r
-        )
+        self.prompt_tokens = counter("calm_prompt_tokens", "Prompt tokens processed.")
+        self.generation_tokens = counter("calm_generation_tokens", "Tokens generated.")
         self.queue_time = latency("calm_request_queue_time_seconds", "Time a request waited.")
         self.prefill_time = latency(
             "calm_request_prefill_time_seconds", "Prefill time per request."
@@ -78,28 +77,19 @@ class PipelineMetrics:
             "Share of a window's facts its summary states correctly (facts stated or expected).",
             (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.99, 1.0),
         )
-        self.invented_facts = Counter(
-            "calm_summary_invented_facts",
-            "Facts summaries state that their windows do not have.",
-            model,
-            registry=r,
+        self.invented_facts = counter(
+            "calm_summary_invented_facts", "Facts summaries state that their windows do not have."
         )
         # CALM: steps, FLOPs and cost
-        self.steps = Counter(
-            "calm_generative_steps", "Generative steps (K tokens each at most).", model, registry=r
-        )
-        self.draws = Counter(
-            "calm_head_draws", "Chunks drawn from the energy head.", model, registry=r
-        )
+        self.steps = counter("calm_generative_steps", "Generative steps (K tokens each at most).")
+        self.draws = counter("calm_head_draws", "Chunks drawn from the energy head.")
         self.tokens_per_step = per_model(
             "calm_tokens_per_step",
             "Generated tokens per step, per batch.",
             (0.5, 1, 1.5, 2, 2.5, 3, 3.5, 4, 6, 8, 16),
         )
-        self.flops = Counter("calm_flops", "Analytic FLOPs of the batches run.", model, registry=r)
-        self.cost = Counter(
-            "calm_cost_dollars", "Node cost of inference, idle time included.", model, registry=r
-        )
+        self.flops = counter("calm_flops", "Analytic FLOPs of the batches run.")
+        self.cost = counter("calm_cost_dollars", "Node cost of inference, idle time included.")
         self.cost_per_1k = Gauge(
             "calm_cost_per_1k_tokens_dollars",
             "Dollars per 1000 generated tokens over the last batch.",
@@ -112,21 +102,15 @@ class PipelineMetrics:
             model,
             registry=r,
         )
-        self.baseline_flops = Counter(
+        self.baseline_flops = counter(
             "calm_baseline_flops",
             "FLOPs the discrete baseline would have spent on the same outputs.",
-            model,
-            registry=r,
         )
-        self.baseline_cost = Counter(
+        self.baseline_cost = counter(
             "calm_baseline_cost_dollars",
             "Dollars the discrete baseline would have spent on the same outputs.",
-            model,
-            registry=r,
         )
-        self.batches = Counter(
-            "calm_inference_batches", "Inference batches run.", model, registry=r
-        )
+        self.batches = counter("calm_inference_batches", "Inference batches run.")
         # the stream
         self.results = Counter("calm_results_committed", "Result rows made durable.", registry=r)
         self.dead_letters = Counter(

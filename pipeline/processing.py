@@ -136,9 +136,8 @@ class PartitionFlow:
     stats: Counter = field(default_factory=Counter)
 
     def __post_init__(self) -> None:
-        spec = self.config.spec
-        state = {"spec": vars(spec), "watermark_ms": self.watermark_ms, "windows": []}
-        self.windower = Windower.restore(state)
+        self.windower = Windower(self.config.spec)
+        self.windower.watermark_ms = self.watermark_ms  # late events judged as before the restart
         self.kind = expected_kind(self.topic, self.config.iot_topic, self.config.transactions_topic)
         self._pending: dict[str, int] = {}  # key of an unacknowledged output -> offset it holds
         # offset -> (Kafka timestamp, watermark before the record), from the commit point on

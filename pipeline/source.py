@@ -3,10 +3,10 @@
 A `KafkaSourceActor` polls its share of the partitions of a consumer group and hands what a
 `Stage` makes of the records to a bounded `ray.util.queue.Queue`. The source never commits on its
 own judgement: downstream actors acknowledge work (by calling `acknowledge`, or through an acks
-queue) once what was derived from
-it is durable, and the stage says, per partition, which offset is safe to commit (with metadata
-to resume from). When the queue is full the source pauses its partitions and keeps polling, so the
-group does not think it died: a slow consumer slows consumption instead of growing memory.
+queue) once what was derived from it is durable, and the stage says, per partition, which offset
+is safe to commit (with metadata to resume from). When the queue is full the source pauses its
+partitions and keeps polling, so the group does not think it died: a slow consumer slows
+consumption instead of growing memory.
 
 Rebalances: a revoked partition's safe offset is committed before it is given up (the listener
 runs on kafka-python's IO thread and awaits the commit); a newly assigned partition is handed to
@@ -87,13 +87,11 @@ class DeadLetterSink(Protocol):
 
 @dataclass(frozen=True)
 class Batch:
-    """Records polled together, decoded, with the offsets committable once it is acknowledged."""
+    """Records polled together, decoded; acknowledged by `batch_id` (see `BatchStage`)."""
 
     batch_id: int
     records: list[SourceRecord]
     decoded: list[Any]
-    # (topic, partition) -> offset of the next record to read once this batch is done
-    next_offsets: dict[tuple[str, int], int] = field(default_factory=dict)
 
 
 def _identity(value: bytes) -> Any:
@@ -107,9 +105,8 @@ class BatchStage:
     def __init__(self, decode: Callable[[bytes], Any] = _identity) -> None:
         self._decode = decode
         self._ids = itertools.count()
-        self._in_flight: OrderedDict[int, dict[TopicPartition, int]] = (
-            OrderedDict()
-        )  # id -> first offsets
+        # batch id -> first offset per partition, oldest batch first
+        self._in_flight: OrderedDict[int, dict[TopicPartition, int]] = OrderedDict()
         self._next: dict[TopicPartition, int] = {}
 
     def assign(self, tp: TopicPartition, committed: OffsetAndMetadata | None) -> None:
@@ -127,7 +124,6 @@ class BatchStage:
             tp = TopicPartition(r.topic, r.partition)
             firsts.setdefault(tp, r.offset)
             self._next[tp] = r.offset + 1
-            batch.next_offsets[(r.topic, r.partition)] = r.offset + 1
         self._in_flight[batch.batch_id] = firsts
         return Work(items=[batch])
 
@@ -180,7 +176,7 @@ class _Rebalance(AsyncConsumerRebalanceListener):
         self.source._forget(lost)  # evicted: committing would fail, the next owner replays
 
 
-@ray.remote(max_concurrency=2)  # `stop` and `stats` are served while `run` loops
+@ray.remote(max_concurrency=2)  # `stop` and `acknowledge` are served while `run` loops
 class KafkaSourceActor:
     """Polls `topics` in consumer group `group_id` and puts the stage's work on `out`;
     `flush_downstream`, called while draining, asks the sink to make what it holds durable now."""

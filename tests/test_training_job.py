@@ -21,11 +21,12 @@ from typer.testing import CliRunner
 
 from model.checkpoint import load_checkpoint
 from model.config import config_from_dict
+from model.train_loops import lr_factor
 from pipeline.cli_train import train
 from pipeline.corpus_build import write_corpus
 from pipeline.training.job import TrainJobError, TrainRequest, run_training
 from pipeline.training.stages import CONFIG_DIR, TrainConfigError, load_train_config, plan_stages
-from pipeline.training.worker import brier_context, lr_factor, weights_digest
+from pipeline.training.worker import brier_context, weights_digest
 
 TINY = CONFIG_DIR / "tiny.yaml"
 MODEL_STAGES = ("autoencoder", "calm", "ar")

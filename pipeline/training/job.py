@@ -129,8 +129,7 @@ def _check_fingerprints(
     if changed:
         raise TrainJobError(
             f"run {layout.run_name!r}: the corpus split(s) {changed} differ from those the run "
-            "started with; "
-            "use the original corpus or start a new --run-name"
+            "started with; use the original corpus or start a new --run-name"
         )
     if current.keys() - stored.keys():
         run["corpus"]["fingerprints"] = {**stored, **current}
@@ -302,8 +301,7 @@ def check_request(request: TrainRequest, stages: list[str]) -> None:
         if stage in MODEL_STAGES and request.config.stage(stage).train.batch_size % request.workers:
             raise TrainJobError(
                 f"{stage}.train.batch_size={request.config.stage(stage).train.batch_size} is the "
-                "global batch; "
-                f"it must be divisible by --workers {request.workers}"
+                f"global batch; it must be divisible by --workers {request.workers}"
             )
 
 

@@ -63,12 +63,8 @@ class MetricsSink:
     """The driver side of one stage: progress bar + metrics files. Use as a context manager."""
 
     def __init__(self, layout: RunLayout, stage: str, total_steps: int, console: Console):
-        self.layout, self.stage, self.total_steps, self.console = (
-            layout,
-            stage,
-            total_steps,
-            console,
-        )
+        self.layout, self.stage, self.total_steps = layout, stage, total_steps
+        self.console = console
         self.queue = Queue(maxsize=10_000, actor_options={"num_cpus": 0})
         self.rows = self._existing("metrics.jsonl")
         self.samples = self._existing("samples.jsonl")

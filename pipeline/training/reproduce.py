@@ -28,7 +28,6 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from model.calm import CALM
 from model.checkpoint import build_model
 from model.config import CALMConfig
 from model.data import shared_data_dir
@@ -85,8 +84,8 @@ def run_overrides(run: str, steps: dict[str, int] | None = None) -> list[str]:
     overrides = [f"autoencoder.model.k={e.k}" for e in entries if e.stage == "autoencoder"]
     if run == "arm":
         overrides += AR_M
-    for entry in entries:
-        if steps is not None:
+    if steps is not None:
+        for entry in entries:
             n = steps[entry.name]
             overrides += [
                 f"{entry.stage}.train.steps={n}",
@@ -117,9 +116,7 @@ def seconds_per_token(config: TrainConfig, stage: str, threads: int, steps: int 
     torch.set_num_threads(threads)
     section = config.stage(stage)
     model_config = model_config_of(config, stage)
-    model = (
-        CALM(model_config) if isinstance(model_config, CALMConfig) else build_model(model_config)
-    )
+    model = build_model(model_config)
     optimizer = make_optimizer(model, section.train.lr)
     width = model_config.k if stage == "autoencoder" else section.train.row_len
     batch = np.random.default_rng(0).integers(
@@ -135,11 +132,12 @@ def seconds_per_token(config: TrainConfig, stage: str, threads: int, steps: int 
 def plan_steps(request: ReproduceRequest, console: Console) -> dict[str, int]:
     """Steps per model: the LMs see equal tokens, the total estimated time is the budget."""
     threads = max(1, int(request.cpus_per_worker))
+    configs = {e.run: run_config(e.run) for e in ENTRIES}
     cost = {}
     with console.status("timing each model on this machine"):
         for entry in ENTRIES:
             cost[entry.name] = (
-                seconds_per_token(run_config(entry.run), entry.stage, threads) / request.workers
+                seconds_per_token(configs[entry.run], entry.stage, threads) / request.workers
             )
     budget = request.budget_minutes * 60
     steps = {}
@@ -147,7 +145,7 @@ def plan_steps(request: ReproduceRequest, console: Console) -> dict[str, int]:
         group = [e for e in ENTRIES if (e.stage == "autoencoder") == is_ae]
         tokens = share * budget / sum(cost[e.name] for e in group)
         for entry in group:
-            train = run_config(entry.run).stage(entry.stage).train
+            train = configs[entry.run].stage(entry.stage).train
             per_step = train.batch_size * (entry.k if is_ae else train.row_len)
             steps[entry.name] = max(20, int(tokens // per_step))
     return steps
@@ -210,8 +208,7 @@ def verdict(rows: list[dict[str, Any]]) -> str:
         f"{base['brier_lm']:.2f} (two standard errors of the difference: {margin:.2f}) with "
         f"{ratio:.2f}x its training FLOPs and "
         f"{calm['inference_flops_per_token'] / base['inference_flops_per_token']:.2f}x its "
-        "inference "
-        "FLOPs per token, after the same number of training tokens."
+        "inference FLOPs per token, after the same number of training tokens."
     )
 
 

@@ -13,15 +13,15 @@ Determinism, so that a resumed run ends with the weights of an uninterrupted one
 
 Every `checkpoint_every` steps and at the end rank 0 writes the model library's checkpoint
 (model.safetensors + config.json) plus trainer_state.pt (optimizer, scheduler, step) into
-`step_NNNNNNN/`, and all ranks call ray.train.report (a barrier). Rank 0 evaluates (on a CPU copy
-of the model) at `eval_every` and at the end, where it also scores the test split.
+`step_NNNNNNN/`, and all ranks call ray.train.report (a barrier). Rank 0 evaluates on the CPU (a
+copy of the model when training on a GPU) at `eval_every` and at the end, where it also scores the
+test split.
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
-import math
 import os
 import tempfile
 import time
@@ -43,7 +43,7 @@ from model.calm import CALM
 from model.checkpoint import build_model, load_checkpoint, save_checkpoint
 from model.config import ARConfig, AutoencoderConfig, CALMConfig, load_config
 from model.flops import training_flops_per_token
-from model.train_loops import make_optimizer, train_step
+from model.train_loops import lr_factor, make_optimizer, train_step
 from pipeline.training.corpus import (
     ChunkSamples,
     RowSamples,
@@ -78,14 +78,6 @@ class WorkerPlan:
     storage: Storage
     metrics: MetricsChannel
     threads: int
-
-
-def lr_factor(step: int, steps: int, warmup: int, min_ratio: float) -> float:
-    """Linear warmup to 1, then a cosine decay to `min_ratio` at the last step."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
@@ -218,9 +210,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
 
     checkpoint = ray.train.get_checkpoint()
-    torch.manual_seed(
-        seed
-    )  # the same initial weights on every rank (DDP broadcasts rank 0's anyway)
+    # the same initial weights on every rank (DDP broadcasts rank 0's anyway)
+    torch.manual_seed(seed)
     model, state = _restore(checkpoint, plan) if checkpoint else (_fresh_model(plan), None)
     ddp_model = ray.train.torch.prepare_model(model)  # moves `model` to the device, wraps it in DDP
     optimizer = make_optimizer(model, spec.lr, spec.weight_decay)
