@@ -17,6 +17,7 @@ from kafka import KafkaProducer
 
 from operators.events import from_millis
 from pipeline.processing import DeadLetter
+from pipeline.ray_runtime import cap_in_flight
 
 MAX_WRITES_IN_FLIGHT = 4
 
@@ -72,11 +73,8 @@ class DeadLetterWriter:
                 dead_letters=[(self._origin, dead_letter_row(letter)) for letter in letters]
             )
         )
-        if len(self._writes) > MAX_WRITES_IN_FLIGHT:  # bounded: a flood of bad input waits here
-            done, self._writes = ray.wait(
-                self._writes, num_returns=len(self._writes) - MAX_WRITES_IN_FLIGHT
-            )
-            ray.get(done)
+        # bounded: a flood of bad input waits here
+        self._writes = cap_in_flight(self._writes, MAX_WRITES_IN_FLIGHT)
 
     def flush(self) -> None:
         """Block until every dead letter sent so far is acknowledged by its topic."""

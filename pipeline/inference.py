@@ -37,6 +37,7 @@ from operators.cost import ar_request_flops, baseline_of, calm_request_flops
 from operators.events import from_millis
 from operators.facts import score
 from pipeline.processing import WindowRequest
+from pipeline.ray_runtime import cap_in_flight
 from pipeline.settings import ModelSettings, PricingSettings
 from pipeline.telemetry import BatchTiming, batch_telemetry
 
@@ -374,11 +375,7 @@ class InferenceActor:
         )
         self._last_end = ended
         self._writes.append(self._sink.write.remote(results=rows, telemetry=[telemetry]))
-        if len(self._writes) > MAX_WRITES_IN_FLIGHT:
-            done, self._writes = ray.wait(
-                self._writes, num_returns=len(self._writes) - MAX_WRITES_IN_FLIGHT
-            )
-            ray.get(done)
+        self._writes = cap_in_flight(self._writes, MAX_WRITES_IN_FLIGHT)
         self.stats["batches"] += 1
         self.stats["requests"] += len(batch)
         self.stats["tokens_out"] += sum(g.tokens_out for g in generated)

@@ -27,3 +27,13 @@ def init_ray(settings: RaySettings) -> None:
         include_dashboard=False,
         log_to_driver=True,
     )
+
+
+def cap_in_flight(refs: list[ray.ObjectRef], limit: int) -> list[ray.ObjectRef]:
+    """Wait until at most `limit` of `refs` are pending (raising a failed one's error); returns
+    the pending ones. Bounds the remote writes an actor has outstanding."""
+    if len(refs) <= limit:
+        return refs
+    done, pending = ray.wait(refs, num_returns=len(refs) - limit)
+    ray.get(done)
+    return pending
