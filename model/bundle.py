@@ -26,6 +26,8 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
+from model.filesystems import split_uri
+
 FORMAT = "calm-stream-bundle/2"  # 2: sampling fused into the step graphs
 MANIFEST = "manifest.json"
 LATEST = "latest"
@@ -200,16 +202,10 @@ class Registry:
     """Bundles under one root (local path or pyarrow filesystem URI) with a `latest` pointer."""
 
     def __init__(self, uri: str | Path, cache_dir: str | Path | None = None):
-        uri = str(uri)
-        if "://" in uri:
-            self.fs, self.root = pafs.FileSystem.from_uri(uri)
-            self.local_root: Path | None = None
-        else:
-            self.local_root = Path(uri).expanduser().resolve()
-            self.fs, self.root = pafs.LocalFileSystem(), self.local_root.as_posix()
-        if isinstance(self.fs, pafs.LocalFileSystem):
-            self.local_root = Path(self.root)
-        self.uri = uri
+        self.fs, self.root = split_uri(uri)
+        local = isinstance(self.fs, pafs.LocalFileSystem)
+        self.local_root: Path | None = Path(self.root) if local else None
+        self.uri = str(uri)
         self.cache_dir = Path(cache_dir or Path.home() / ".cache" / "calm-stream" / "bundles")
 
     def _join(self, *parts: str) -> str:

@@ -72,10 +72,17 @@ def pack_rows(
     r = rng.integers(0, k, size=n_rows)  # drawn either way: same windows with fixed pads
     if left_pads is not None:
         r[:] = left_pads
+    return rows_at(stream, s, r, row_len)
+
+
+def rows_at(stream: np.ndarray, starts: np.ndarray, pads: np.ndarray, row_len: int) -> np.ndarray:
+    """The left-padding rule training and serving share: row i is `pads[i]` <pad>s, <bos>, then
+    the stream from `starts[i]`, `row_len` tokens in all."""
+    r = pads[:, None]
     j = np.arange(row_len)
-    rows = stream[s[:, None] + j - r[:, None] - 1]  # indices below s only where replaced next
-    rows[j < r[:, None]] = PAD_ID
-    rows[j == r[:, None]] = BOS_ID
+    rows = stream[starts[:, None] + j - r - 1]  # indices below the start only where replaced next
+    rows[j < r] = PAD_ID
+    rows[j == r] = BOS_ID
     return rows
 
 

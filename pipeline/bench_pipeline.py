@@ -37,7 +37,7 @@ from pipeline.demo import demo_settings
 from pipeline.inference import Batcher, row_seed
 from pipeline.job import JobOptions, JobReport, ensure_topics, run_pipeline
 from pipeline.producer import KafkaSink, produce
-from pipeline.settings import Settings, kafka_client_options
+from pipeline.settings import Settings, kafka_client_options, kafka_consumer_options
 from pipeline.simulator import simulate
 from pipeline.sinks import read_dataset
 
@@ -62,9 +62,10 @@ def send_backlog(settings: Settings, events: int, seed: int) -> None:
 def raw_consume_rate(settings: Settings, total: int) -> dict[str, float]:
     """kafka-python reading the topics from the start and counting records: the ceiling. The
     partitions are assigned by hand (no group join to wait for) and the clock starts at the
-    first poll, so the rate includes fetching as well as parsing."""
+    first poll, so the rate includes fetching as well as parsing; the consumer options (the
+    fetch wait above all) are the sources' own."""
     topics = settings.kafka.topics
-    consumer = KafkaConsumer(enable_auto_commit=False, **kafka_client_options(settings.kafka))
+    consumer = KafkaConsumer(enable_auto_commit=False, **kafka_consumer_options(settings.kafka))
     partitions = [
         TopicPartition(topic, p)
         for topic in (topics.iot, topics.transactions)
@@ -258,6 +259,7 @@ def bench_pipeline(
         "events": events,
         "model_events": model_events,
         "source_actors": settings.ray.source_actors,
+        "fetch_max_wait_ms": settings.kafka.fetch_max_wait_ms,
         "inference_actors": settings.ray.inference_actors,
         "bundle": Registry(settings.model.registry).resolve(settings.model.bundle_version),
         "sampler": settings.model.sampler,

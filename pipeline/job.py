@@ -32,7 +32,7 @@ from pipeline.inference import InferenceActor
 from pipeline.metrics import MetricsReporter
 from pipeline.processing import FlowConfig, WindowRequest, WindowStage
 from pipeline.ray_runtime import init_ray
-from pipeline.settings import Settings, kafka_client_options
+from pipeline.settings import Settings, kafka_client_options, kafka_consumer_options
 from pipeline.sinks import SinkActor, local_root
 from pipeline.source import KafkaSourceActor
 
@@ -161,7 +161,7 @@ def run_pipeline(
             KafkaSourceActor.options(num_cpus=settings.ray.source_actor_cpus).remote(
                 [topics.iot, topics.transactions],
                 settings.kafka.group_id,
-                client,
+                kafka_consumer_options(settings.kafka),
                 requests,
                 max_records=settings.kafka.poll_max_records,
                 poll_timeout_ms=settings.kafka.poll_timeout_ms,

@@ -12,6 +12,7 @@ from pipeline.cli import app
 from pipeline.settings import (
     SettingsError,
     kafka_client_options,
+    kafka_consumer_options,
     load_settings,
     parse_overrides,
     setting_paths,
@@ -87,6 +88,16 @@ def test_comma_separated_servers_and_client_options(monkeypatch: pytest.MonkeyPa
     assert options["security_protocol"] == "SASL_SSL"
 
 
+def test_fetch_wait_is_a_consumer_option(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Consumers (sources, the benchmark's raw reader) get the fetch wait; producers and admin
+    clients, which kafka-python would refuse it from, do not."""
+    monkeypatch.setenv("CALM_STREAM_KAFKA__BOOTSTRAP_SERVERS", "broker-1:9092")
+    monkeypatch.setenv("CALM_STREAM_KAFKA__FETCH_MAX_WAIT_MS", "250")
+    kafka = load_settings().kafka
+    assert kafka_consumer_options(kafka) == kafka_client_options(kafka) | {"fetch_max_wait_ms": 250}
+    assert "fetch_max_wait_ms" not in kafka_client_options(kafka)
+
+
 INVALID = [
     # (how it is set, name, value, the setting named in the error)
     ("env", "CALM_STREAM_RAY__SOURCE_ACTORS", "0", "ray.source_actors"),
@@ -95,6 +106,7 @@ INVALID = [
     ("env", "CALM_STREAM_KAFKA__SECURITY_PROTOCOL", "SASL_WHATEVER", "kafka.security_protocol"),
     ("env", "CALM_STREAM_KAFKA__SECURITY_PROTOCOL", "SASL_SSL", "sasl_mechanism"),
     ("env", "CALM_STREAM_KAFKA__TOPICS__DLQ", "bad topic!", "kafka.topics.dlq"),
+    ("env", "CALM_STREAM_KAFKA__FETCH_MAX_WAIT_MS", "-1", "kafka.fetch_max_wait_ms"),
     ("env", "CALM_STREAM_MODEL__TEMPERATURE", "0", "model.temperature"),
     ("env", "CALM_STREAM_MODEL__TEMPERATURE", "1.5", "model.temperature"),
     ("env", "CALM_STREAM_MODEL__SAMPLER", "beam", "model.sampler"),

@@ -42,8 +42,9 @@ import ray
 import ray.data
 from tokenizers import Tokenizer as HFTokenizer
 
-from model.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
-from pipeline.training.storage import split_uri
+from model.data import rows_at
+from model.filesystems import split_uri
+from model.tokenizer import BOS_ID, EOS_ID, Tokenizer
 
 FORMATS = {".parquet": "parquet", ".jsonl": "jsonl", ".json": "jsonl"}
 DOMAIN_COLUMNS = ("prompt", "reference")
@@ -344,12 +345,8 @@ class RowSamples:
         return pads[indices]
 
     def batch(self, indices: np.ndarray, epoch: int) -> np.ndarray:
-        r = self.left_pads(indices, epoch)[:, None]
-        j = np.arange(self.row_len)
-        rows = self.stream[self.starts[indices][:, None] + j - r - 1].astype(np.int64)
-        rows[j < r] = PAD_ID
-        rows[j == r] = BOS_ID
-        return rows
+        pads = self.left_pads(indices, epoch)
+        return rows_at(self.stream, self.starts[indices], pads, self.row_len).astype(np.int64)
 
 
 @dataclass(frozen=True)

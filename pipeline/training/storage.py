@@ -28,6 +28,8 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
+from model.filesystems import split_uri
+
 STORAGE_LAYOUT = 1
 COMPLETE = "complete.json"
 
@@ -41,18 +43,6 @@ def json_safe(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [json_safe(v) for v in value]
     return value
-
-
-def split_uri(location: str | Path) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path) of a local path or a URI such as file://, s3://, gs://, hdfs://."""
-    text = str(location)
-    if "://" not in text:
-        return pafs.LocalFileSystem(), Path(text).expanduser().resolve().as_posix()
-    try:
-        fs, path = pafs.FileSystem.from_uri(text)
-    except (ValueError, OSError) as error:  # pyarrow's ArrowInvalid is a ValueError
-        raise ValueError(f"{text!r}: {error}") from None
-    return fs, path.rstrip("/") or "/"
 
 
 @dataclass(frozen=True)
