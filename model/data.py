@@ -76,8 +76,8 @@ def pack_rows(
 
 
 def rows_at(stream: np.ndarray, starts: np.ndarray, pads: np.ndarray, row_len: int) -> np.ndarray:
-    """The left-padding rule training and serving share: row i is `pads[i]` <pad>s, <bos>, then
-    the stream from `starts[i]`, `row_len` tokens in all."""
+    """Training rows by the left-padding rule: row i is `pads[i]` <pad>s, <bos>, then the stream
+    from `starts[i]`, `row_len` tokens in all."""
     r = pads[:, None]
     j = np.arange(row_len)
     rows = stream[starts[:, None] + j - r - 1]  # indices below the start only where replaced next

@@ -113,7 +113,7 @@ def run_pipeline(
     settings: Settings, options: JobOptions = JobOptions(), stop: threading.Event | None = None
 ) -> JobReport:
     """Run until `stop` is set (or the bounded input is done); see the module docstring."""
-    client = kafka_client_options(settings.kafka)
+    client, consumer = kafka_client_options(settings.kafka), kafka_consumer_options(settings.kafka)
     local_root(settings.sinks.root)  # a sink root that cannot work fails here, not in the actor
     if not options.passthrough:  # a missing or broken bundle fails here, not inside an actor
         registry = Registry(settings.model.registry)
@@ -161,7 +161,7 @@ def run_pipeline(
             KafkaSourceActor.options(num_cpus=settings.ray.source_actor_cpus).remote(
                 [topics.iot, topics.transactions],
                 settings.kafka.group_id,
-                kafka_consumer_options(settings.kafka),
+                consumer,
                 requests,
                 max_records=settings.kafka.poll_max_records,
                 poll_timeout_ms=settings.kafka.poll_timeout_ms,
