@@ -33,8 +33,19 @@ def read_documents(path: str | Path) -> list[str]:
         return [json.loads(line)["text"] for line in f if line.strip()]
 
 
+def wikitext_path() -> Path:
+    """The WikiText-103 test documents (the paper's evaluation text) in the shared data folder."""
+    return shared_data_dir() / "wikitext103-test-documents.jsonl"
+
+
 def wikitext_documents() -> list[str]:
-    return read_documents(shared_data_dir() / "wikitext103-test-documents.jsonl")
+    path = wikitext_path()
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} is missing: the WikiText-103 documents live in the project's shared/data "
+            "folder; put shared/ beside the repository or set CALM_STREAM_SHARED_DIR to it"
+        )
+    return read_documents(path)
 
 
 def split_documents(docs: Sequence[str], n_heldout: int) -> tuple[list[str], list[str]]:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from model.checkpoint import load_checkpoint
-from model.data import shared_data_dir
+from model.data import wikitext_path
 from pipeline.training.job import TrainRequest, run_training
 from pipeline.training.stages import CONFIG_DIR, load_train_config
 from pipeline.training.worker import weights_digest
@@ -32,7 +32,7 @@ STEPS = [
 @pytest.fixture(scope="module")
 def documents(tmp_path_factory) -> Path:
     """Eight WikiText-103 documents as a plain {text} JSONL corpus (the documents corpus path)."""
-    lines = (shared_data_dir() / "wikitext103-test-documents.jsonl").read_text().splitlines()[:8]
+    lines = wikitext_path().read_text().splitlines()[:8]
     path = tmp_path_factory.mktemp("resume-corpus") / "docs.jsonl"
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -30,7 +30,7 @@ from rich.console import Console
 
 from model.checkpoint import build_model
 from model.config import CALMConfig
-from model.data import shared_data_dir
+from model.data import wikitext_path
 from model.train_loops import make_optimizer, train_step
 from pipeline.training.job import TrainRequest, run_training
 from pipeline.training.stages import CONFIG_DIR, TrainConfig, load_train_config
@@ -75,7 +75,7 @@ class ReproduceRequest:
 
     @property
     def corpus_path(self) -> str:
-        return self.corpus or str(shared_data_dir() / "wikitext103-test-documents.jsonl")
+        return self.corpus or str(wikitext_path())
 
 
 def run_overrides(run: str, steps: dict[str, int] | None = None) -> list[str]:
