@@ -11,7 +11,9 @@ One run, one broker, the same topics:
 6. paced live runs (readings produced while the pipeline runs, at half the measured capacity),
    without and with the model, for the latency from a window's newest Kafka record to its
    committed result row, p50 and p99;
-7. peak memory (max RSS) per actor.
+7. peak memory (max RSS) per actor, and CPU time per event of the raw consumer and of each
+   pipeline actor (the request queue's actor, Ray's own, is not counted): the pipeline's rate
+   on this machine is at most its cores over the pipeline's total.
 
 Pipeline rates count from the start of the poll that brought the first record (its fetch included,
 as in (2)) to the last offset commit, leaving out actor start-up and the quiet period that detects
@@ -21,6 +23,7 @@ the end of the backlog.
 from __future__ import annotations
 
 import itertools
+import os
 import tempfile
 import threading
 import time
@@ -73,7 +76,7 @@ def raw_consume_rate(settings: Settings, total: int) -> dict[str, float]:
     ]
     consumer.assign(partitions)
     consumer.seek_to_beginning(*partitions)
-    seen, started = 0, time.perf_counter()
+    seen, started, cpu_from = 0, time.perf_counter(), time.process_time()
     try:
         while seen < total:
             polled = consumer.poll(
@@ -81,10 +84,15 @@ def raw_consume_rate(settings: Settings, total: int) -> dict[str, float]:
                 max_records=settings.kafka.poll_max_records,
             )
             seen += sum(len(messages) for messages in polled.values())
-        seconds = time.perf_counter() - started
+        seconds, cpu = time.perf_counter() - started, time.process_time() - cpu_from
     finally:
         consumer.close()
-    return {"events": seen, "seconds": round(seconds, 3), "events_per_s": round(seen / seconds, 1)}
+    return {
+        "events": seen,
+        "seconds": round(seconds, 3),
+        "events_per_s": round(seen / seconds, 1),
+        "cpu_us_per_event": round(1e6 * cpu / seen, 1),
+    }
 
 
 def phase(settings: Settings, name: str, root: Path, topics: str | None = None) -> Settings:
@@ -116,7 +124,17 @@ def pipeline_rates(report: JobReport) -> dict[str, Any]:
         "tokens_out": report.tokens_out,
         "tokens_per_s": round(report.tokens_out / seconds, 1),
         "result_rows": report.sink["results"],
+        "cpu_us_per_event": cpu_per_event(report),
     }
+
+
+def cpu_per_event(report: JobReport) -> dict[str, float]:
+    """Each actor's CPU time (all its threads) per event read, and their total."""
+    cpu = {f"source-{i}": s["cpu_seconds"] for i, s in enumerate(report.sources)}
+    cpu |= {f"inference-{i}": s["cpu_seconds"] for i, s in enumerate(report.inference)}
+    cpu["sink"] = report.sink["cpu_seconds"]
+    cpu["total"] = sum(cpu.values())
+    return {name: round(1e6 * seconds / max(report.records, 1), 1) for name, seconds in cpu.items()}
 
 
 def engine_rate(settings: Settings, results_path: Path) -> dict[str, Any]:
@@ -258,6 +276,7 @@ def bench_pipeline(
     return {
         "events": events,
         "model_events": model_events,
+        "cpus": os.cpu_count(),
         "source_actors": settings.ray.source_actors,
         "fetch_max_wait_ms": settings.kafka.fetch_max_wait_ms,
         "inference_actors": settings.ray.inference_actors,

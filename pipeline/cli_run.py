@@ -129,7 +129,7 @@ def bench_pipeline_command(
     seed: Annotated[int, typer.Option(help="Simulator seed.")] = 0,
 ) -> None:
     """End-to-end events/s and tokens/s beside kafka-python's raw consume rate and the
-    standalone engine's tokens/s on the same prompts; latency and memory per actor. JSON."""
+    standalone engine's tokens/s on the same prompts; latency, memory and CPU time per actor. JSON."""
     from pipeline.bench_pipeline import bench_pipeline
     from pipeline.embedded import kafka_or_local
 

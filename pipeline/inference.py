@@ -37,7 +37,7 @@ from operators.cost import ar_request_flops, baseline_of, calm_request_flops
 from operators.events import from_millis
 from operators.facts import score
 from pipeline.processing import WindowRequest
-from pipeline.ray_runtime import cap_in_flight
+from pipeline.ray_runtime import cap_in_flight, unpack
 from pipeline.settings import ModelSettings, PricingSettings
 from pipeline.telemetry import BatchTiming, batch_telemetry
 
@@ -52,8 +52,9 @@ def row_seed(key: str, model_id: str) -> int:
 
 @dataclass(frozen=True)
 class Generated:
-    """One request's output and its accounting."""
+    """One request's output, the noise seed it was drawn with, and its accounting."""
 
+    seed: int
     output: str
     finish_reason: str
     tokens_in: int
@@ -74,8 +75,6 @@ class Model(Protocol):
 
     def cost(self, prompt: str) -> int: ...
 
-    def seed(self, key: str) -> int: ...
-
     def generate(self, requests: list[WindowRequest]) -> list[Generated]: ...
 
 
@@ -83,15 +82,14 @@ class Passthrough:
     """The model switched off: no tokens, no compute, the stream and the sinks only."""
 
     name, version, k, id = "passthrough", "off", 0, "passthrough-off"
+    # No noise is drawn; frozen, so one instance serves every request.
+    nothing = Generated(0, "", "off", 0, 0, 0, 0, 0.0, 0.0, 0.0, 0.0)
 
     def cost(self, prompt: str) -> int:
         return 1
 
-    def seed(self, key: str) -> int:
-        return 0  # no noise is drawn
-
     def generate(self, requests: list[WindowRequest]) -> list[Generated]:
-        return [Generated("", "off", 0, 0, 0, 0, 0.0, 0.0, 0.0, 0.0) for _ in requests]
+        return [self.nothing] * len(requests)
 
 
 class CalmModel:
@@ -117,26 +115,22 @@ class CalmModel:
             ids = self._ids[prompt] = self.engine.prompt_ids(prompt)
         return len(ids) + self.max_new_tokens
 
-    def seed(self, key: str) -> int:
-        return row_seed(key, self.id)
-
     def generate(self, requests: list[WindowRequest]) -> list[Generated]:
         prompts = [
             self._ids.pop(r.prompt, None) or self.engine.prompt_ids(r.prompt) for r in requests
         ]
+        seeds = [row_seed(r.key, self.id) for r in requests]
         results = self.engine.generate(
-            [
-                Request(ids, self.seed(r.key), self.max_new_tokens)
-                for r, ids in zip(requests, prompts)
-            ],
+            [Request(ids, seed, self.max_new_tokens) for ids, seed in zip(prompts, seeds)],
             self.sampling,
         )
-        return [self._generated(ids, result) for ids, result in zip(prompts, results)]
+        return [self._generated(*args) for args in zip(prompts, seeds, results)]
 
-    def _generated(self, ids: list[int], result: Result) -> Generated:
+    def _generated(self, ids: list[int], seed: int, result: Result) -> Generated:
         s = result.stats
         chunks = (len(ids) + num_left_pads(len(ids), self.k)) // self.k
         return Generated(
+            seed=seed,
             output=result.text,
             finish_reason=result.finish_reason,
             tokens_in=s.tokens_in,
@@ -210,7 +204,6 @@ def result_row(
     request: WindowRequest,
     generated: Generated,
     model: Model,
-    seed: int,
     task: str,
     queue_seconds: float,
     finished_at: float,
@@ -236,7 +229,7 @@ def result_row(
         "model_name": model.name,
         "model_version": model.version,
         "k": model.k,
-        "seed": seed,
+        "seed": generated.seed,
         "tokens_in": generated.tokens_in,
         "tokens_out": generated.tokens_out,
         "steps": generated.steps,
@@ -291,7 +284,7 @@ class InferenceActor:
     def run(self, node_share: float = 1.0) -> dict[str, Any]:
         """Serve until `stop()`; the batch in hand is finished and written first. `node_share`:
         the part of the node's price this actor pays (1 / inference actors on the node)."""
-        self._node_share = node_share
+        self._node_share, cpu_from = node_share, time.process_time()
         while not self._stopping.is_set() or len(self._batcher):
             if not self._stopping.is_set() and not self._batcher.full():  # bounded: no read-ahead
                 self._take(self._batcher.seconds_left(time.monotonic()))
@@ -302,6 +295,7 @@ class InferenceActor:
         ray.get(self._writes)
         return {
             **self.stats,
+            "cpu_seconds": time.process_time() - cpu_from,
             "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         }
 
@@ -310,7 +304,7 @@ class InferenceActor:
 
     def _take(self, timeout_s: float) -> None:
         try:
-            requests: list[WindowRequest] = self._inbox.get(timeout=max(timeout_s, 0.01))
+            requests: list[WindowRequest] = unpack(self._inbox.get(timeout=max(timeout_s, 0.01)))
         except Empty:
             return
         now = time.monotonic()
@@ -344,23 +338,21 @@ class InferenceActor:
         if self._slowdown_s:
             time.sleep(self._slowdown_s)  # tests: an artificially slow model
         ended, ended_wall = time.monotonic(), time.time()
-        rows = []
-        for request, out in zip(batch, generated):
-            queue = max(0.0, started_wall - request.closed_at)
-            rows.append(
-                (
-                    request.origin,
-                    result_row(
-                        request,
-                        out,
-                        model,
-                        model.seed(request.key),
-                        self._settings.task,
-                        queue,
-                        ended_wall,
-                    ),
-                )
+        task = self._settings.task
+        rows = [
+            (
+                request.origin,
+                result_row(
+                    request,
+                    out,
+                    model,
+                    task,
+                    max(0.0, started_wall - request.closed_at),  # queue seconds
+                    ended_wall,
+                ),
             )
+            for request, out in zip(batch, generated)
+        ]
         timing = BatchTiming(
             started=started_wall, busy_s=ended - started, idle_s=max(0.0, started - self._last_end)
         )

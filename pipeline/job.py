@@ -30,7 +30,7 @@ from operators.windows import WindowSpec
 from pipeline.dlq import DeadLetterWriter
 from pipeline.inference import InferenceActor
 from pipeline.metrics import MetricsReporter
-from pipeline.processing import FlowConfig, WindowRequest, WindowStage
+from pipeline.processing import FlowConfig, WindowStage
 from pipeline.ray_runtime import init_ray
 from pipeline.settings import Settings, kafka_client_options, kafka_consumer_options
 from pipeline.sinks import SinkActor, local_root
@@ -124,10 +124,6 @@ def run_pipeline(
     started = time.monotonic()
     p, r = settings.ray.source_actors, settings.ray.inference_actors
     requests = Queue(maxsize=settings.ray.queue_max_batches, actor_options={"num_cpus": 0})
-    # The queue actor unpickles what it holds: let it import the items' module (and all that
-    # module imports) now, at start-up, not while the first source waits on its first put.
-    requests.put(WindowRequest)
-    requests.get()
     # On the driver's node: the metrics endpoint (and the sink volume) live where the chart's
     # Service and ServiceMonitor look, on the Ray head that runs `calm-stream run`.
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)

@@ -22,6 +22,7 @@ import json
 import operator
 import time
 from collections import Counter, OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -143,30 +144,39 @@ class PartitionFlow:
         # offset -> (Kafka timestamp, watermark before the record), from the commit point on
         self._trail: OrderedDict[int, tuple[int, int | None]] = OrderedDict()
 
-    def process(self, record: SourceRecord) -> tuple[list[WindowRequest], list[DeadLetter]]:
-        self.stats["processed"] += 1
-        self._trail[record.offset] = (record.timestamp_ms, self.windower.watermark_ms)
-        self.next_offset = record.offset + 1
-        now = _record_clock(record.timestamp_ms) if record.timestamp_ms >= 0 else None
-        event = decode(
-            record.value, max_bytes=self.config.max_bytes, expected_kind=self.kind, now=now
-        )
-        if isinstance(event, DecodeError):
-            letter = DeadLetter(
-                record, event.reason.value, event.field, event.message, self.config.dlq_topic
-            )
-            return [], [self._hold(letter)]
-        requests, letters = [], []
-        for output in self.windower.add(
-            event, partition=(self.topic, self.partition), offset=record.offset
-        ):
-            if isinstance(output, ClosedWindow):
-                requests.append(self._request(output))
-            elif output.reason == "late":
-                letters.append(self._hold(self._late(output, record)))
-            else:
-                self.stats["duplicates"] += 1
-        return requests, letters
+    def process(
+        self,
+        records: Iterable[SourceRecord],
+        requests: list[WindowRequest],
+        letters: list[DeadLetter],
+    ) -> None:
+        """Decode and window a run of this partition's records (in offset order), appending the
+        windows that closed to `requests` and the dead letters to `letters`."""
+        config, windower, trail, kind = self.config, self.windower, self._trail, self.kind
+        partition = (self.topic, self.partition)
+        processed = 0
+        for record in records:
+            processed += 1
+            offset, timestamp_ms = record.offset, record.timestamp_ms
+            trail[offset] = (timestamp_ms, windower.watermark_ms)
+            now = _record_clock(timestamp_ms) if timestamp_ms >= 0 else None
+            event = decode(record.value, max_bytes=config.max_bytes, expected_kind=kind, now=now)
+            if isinstance(event, DecodeError):
+                letter = DeadLetter(
+                    record, event.reason.value, event.field, event.message, config.dlq_topic
+                )
+                letters.append(self._hold(letter))
+                continue
+            for output in windower.add(event, partition=partition, offset=offset):
+                if isinstance(output, ClosedWindow):
+                    requests.append(self._request(output))
+                elif output.reason == "late":
+                    letters.append(self._hold(self._late(output, record)))
+                else:
+                    self.stats["duplicates"] += 1
+        if processed:
+            self.stats["processed"] += processed
+            self.next_offset = offset + 1
 
     def end_of_input(self) -> list[WindowRequest]:
         """The input is over: fire every open window."""
@@ -260,10 +270,7 @@ class WindowStage:
             flow = self.flows.get(TopicPartition(topic, partition))
             if flow is None:  # the partition was revoked after these records were fetched
                 continue
-            for record in run:
-                new_requests, new_letters = flow.process(record)
-                requests += new_requests
-                letters += new_letters
+            flow.process(run, requests, letters)
         return self._work(requests, letters)
 
     def end_of_input(self) -> Work:

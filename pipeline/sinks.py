@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import ray
 
@@ -168,8 +167,8 @@ def commit_table(table: pa.Table, directory: Path) -> Path:
 
 
 def hour_partition(ts: datetime) -> str:
-    ts = ts.astimezone(UTC)
-    return f"date={ts:%Y-%m-%d}/hour={ts:%H}"
+    ts = ts.astimezone(UTC)  # fields, not strftime: this runs for every row, 3x faster
+    return f"date={ts.year:04d}-{ts.month:02d}-{ts.day:02d}/hour={ts.hour:02d}"
 
 
 def read_dataset(
@@ -177,6 +176,10 @@ def read_dataset(
 ) -> pa.Table:
     """All committed files of a dataset (temporary files skipped), with `date` and `hour` unless
     a `schema` is given (which also types an empty or missing dataset)."""
+    # Imported here: pyarrow.dataset imports pandas (~0.8 s of CPU), and every actor that holds
+    # a sink handle imports this module, where only the sink and the readers read datasets.
+    import pyarrow.dataset as ds
+
     if not path.is_dir():
         schema = schema or pa.schema([])
         return schema.empty_table().select(columns) if columns else schema.empty_table()
@@ -349,10 +352,12 @@ class SinkActor:
             target=self._flush_loop, args=(min(rotate_seconds, 0.5),), daemon=True
         )
         self._flusher.start()
+        self._cpu_from = time.process_time()  # `close` reports the CPU time since (or `connect`)
 
     def connect(self, sources: list[Any]) -> None:
         """The actors (or anything with `acknowledge`) waiting for keys, indexed by origin."""
         self._sources = list(sources)
+        self._cpu_from = time.process_time()  # the handles imported their module: start-up
 
     def write(
         self,
@@ -394,7 +399,11 @@ class SinkActor:
         self._stopped.set()
         self._flusher.join()
         self._lock.release()
-        return {**stats, "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        return {
+            **stats,
+            "cpu_seconds": time.process_time() - self._cpu_from,
+            "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        }
 
     def commit_times(self) -> list[tuple[float, float]]:
         """(newest Kafka record, commit) times of recently committed result rows."""

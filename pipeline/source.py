@@ -37,6 +37,8 @@ from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 from ray.util.queue import Empty, Full, Queue
 
+from pipeline.ray_runtime import pack
+
 log = logging.getLogger(__name__)
 
 
@@ -178,7 +180,8 @@ class _Rebalance(AsyncConsumerRebalanceListener):
 
 @ray.remote(max_concurrency=2)  # `stop` and `acknowledge` are served while `run` loops
 class KafkaSourceActor:
-    """Polls `topics` in consumer group `group_id` and puts the stage's work on `out`;
+    """Polls `topics` in consumer group `group_id` and puts the stage's work items on `out`, each
+    packed (`pipeline.ray_runtime.unpack` gives it back);
     `flush_downstream`, called while draining, asks the sink to make what it holds durable now."""
 
     def __init__(
@@ -234,6 +237,9 @@ class KafkaSourceActor:
         # What exists now (Ray, kafka-python, pydantic's schemas) lives as long as the actor:
         # keep the collector's full passes, triggered by the objects each event makes, off it.
         gc.freeze()
+        # Every event allocates a dozen containers that die young; a collection every 10,000
+        # allocations instead of 700 finds most of them gone (~7 % of the stage's time).
+        gc.set_threshold(10_000, 10, 10)
 
     # ------------------------------------------------------------------ public
 
@@ -251,17 +257,19 @@ class KafkaSourceActor:
         every item in flight to be acknowledged, and commit; with `close_at_end`, close the
         consumer."""
         idle_since, clock = time.monotonic(), self.stats  # `clock`: the wall-clock marks below
+        cpu_from: float | None = None  # this process's CPU time at the poll of the first record
         while not self._stopping.is_set():
             if max_records is not None and self.stats["records"] >= max_records:
                 break
             self._acknowledge()
             self._commit()
             self._maybe_report()
-            polled_at = time.time()
+            polled_at, cpu_at = time.time(), time.process_time()
             records = self._poll(self._poll_timeout_ms)
             if records:
                 idle_since = time.monotonic()
                 clock.setdefault("first_record_at", polled_at)  # the clock includes that fetch
+                cpu_from = cpu_at if cpu_from is None else cpu_from
                 self._hand_over(self._stage.process(records))
                 clock["last_record_at"] = time.time()
             elif (
@@ -278,6 +286,7 @@ class KafkaSourceActor:
             self._hand_over(self._stage.end_of_input())
         self._drain(drain_timeout_s)
         clock["finished_at"] = time.time()
+        clock["cpu_seconds"] = time.process_time() - cpu_from if cpu_from is not None else 0.0
         self._maybe_report(force=True)
         snapshot = self.snapshot()
         if close_at_end:
@@ -361,7 +370,7 @@ class KafkaSourceActor:
         self._put_in_flight = (self._put_remote(item), item)
 
     def _put_remote(self, item: Any) -> ray.ObjectRef:
-        return self._out.actor.put.remote(item, self._poll_timeout_ms / 1000)
+        return self._out.actor.put.remote(pack(item), self._poll_timeout_ms / 1000)
 
     def _confirm_put(self) -> None:
         """Wait until the put in flight is in the queue, retrying it while the queue is full."""

@@ -170,7 +170,8 @@ def run_flow(flow: PartitionFlow, records: list[SourceRecord], end: bool = True)
     as a sink would; with `end`, the open windows are fired at the end of the input."""
     out = {}
     for record in records:
-        requests, letters = flow.process(record)
+        requests, letters = [], []
+        flow.process([record], requests, letters)
         for item in (*requests, *letters):
             out[item.key] = item.prompt if isinstance(item, WindowRequest) else item.reason
             flow.acknowledge(item.key)

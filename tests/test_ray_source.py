@@ -11,6 +11,7 @@ import ray
 from kafka import KafkaProducer
 from ray.util.queue import Empty, Queue
 
+from pipeline.ray_runtime import unpack
 from pipeline.source import Batch, KafkaSourceActor
 
 pytestmark = pytest.mark.integration
@@ -32,7 +33,7 @@ class SlowConsumer:
         while len(self.seen) < expected and time.monotonic() < deadline:
             self.max_backlog = max(self.max_backlog, self.inbox.qsize())
             try:
-                batch: Batch = self.inbox.get(timeout=0.5)
+                batch: Batch = unpack(self.inbox.get(timeout=0.5))
             except Empty:
                 continue
             time.sleep(self.delay)
