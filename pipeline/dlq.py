@@ -17,7 +17,8 @@ from kafka import KafkaProducer
 
 from operators.events import from_millis
 from pipeline.processing import DeadLetter
-from pipeline.ray_runtime import cap_in_flight
+from pipeline.ray_runtime import cap_in_flight, pack
+from pipeline.sinks import Rows
 
 MAX_WRITES_IN_FLIGHT = 4
 
@@ -68,11 +69,8 @@ class DeadLetterWriter:
             self._producer.send(
                 letter.routed_to, key=record.key, value=record.value, headers=headers(letter)
             ).add_errback(self._errors.append)
-        self._writes.append(
-            self._sink.write.remote(
-                dead_letters=[(self._origin, dead_letter_row(letter)) for letter in letters]
-            )
-        )
+        rows = Rows(dead_letters=[(self._origin, dead_letter_row(letter)) for letter in letters])
+        self._writes.append(self._sink.write.remote(pack(rows)))
         # bounded: a flood of bad input waits here
         self._writes = cap_in_flight(self._writes, MAX_WRITES_IN_FLIGHT)
 

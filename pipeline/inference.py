@@ -37,8 +37,9 @@ from operators.cost import ar_request_flops, baseline_of, calm_request_flops
 from operators.events import from_millis
 from operators.facts import score
 from pipeline.processing import WindowRequest
-from pipeline.ray_runtime import cap_in_flight, unpack
+from pipeline.ray_runtime import cap_in_flight, pack, unpack
 from pipeline.settings import ModelSettings, PricingSettings
+from pipeline.sinks import Rows
 from pipeline.telemetry import BatchTiming, batch_telemetry
 
 log = logging.getLogger(__name__)
@@ -366,7 +367,7 @@ class InferenceActor:
             self._node_share,
         )
         self._last_end = ended
-        self._writes.append(self._sink.write.remote(results=rows, telemetry=[telemetry]))
+        self._writes.append(self._sink.write.remote(pack(Rows(rows, [telemetry]))))
         self._writes = cap_in_flight(self._writes, MAX_WRITES_IN_FLIGHT)
         self.stats["batches"] += 1
         self.stats["requests"] += len(batch)

@@ -25,6 +25,7 @@ import time
 import uuid
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ import pyarrow.parquet as pq
 import ray
 
 from pipeline.metrics import PipelineMetrics
+from pipeline.ray_runtime import unpack
 
 log = logging.getLogger(__name__)
 
@@ -316,12 +318,21 @@ class Datasets:
         return iter((self.results, self.telemetry, self.dlq))
 
 
+@dataclass(frozen=True)
+class Rows:
+    """One write to the sink: result rows and dead letters, each with the index of the source
+    that waits for it, and telemetry rows; sent packed (`pipeline.ray_runtime.pack`)."""
+
+    results: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
+    telemetry: list[dict[str, Any]] = field(default_factory=list)
+    dead_letters: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
+
+
 @ray.remote
 class SinkActor:
     """Writes rows for every inference actor and source, and acknowledges durable keys.
 
-    `write` takes result rows and dead letters, each with the index of the source that waits for
-    it, and telemetry rows; a background thread commits the datasets that are due. Once a key is
+    `write` takes packed `Rows`; a background thread commits the datasets that are due. Once a key is
     durable (at once if it already was) its source's `acknowledge` is called with it; `connect`
     names the sources, by index. The Prometheus metrics live here, observed as rows become durable.
     """
@@ -359,17 +370,14 @@ class SinkActor:
         self._sources = list(sources)
         self._cpu_from = time.process_time()  # the handles imported their module: start-up
 
-    def write(
-        self,
-        results: list[tuple[int, dict[str, Any]]] = (),
-        telemetry: list[dict[str, Any]] = (),
-        dead_letters: list[tuple[int, dict[str, Any]]] = (),
-    ) -> None:
+    def write(self, packed: bytes) -> None:
+        """Buffer `pack(Rows(...))`, acknowledge what is already durable, commit what is due."""
+        rows: Rows = unpack(packed)
         with self._mutex:
             acks: dict[int, list[str]] = defaultdict(list)
             for dataset, items in (
-                (self._datasets.results, results),
-                (self._datasets.dlq, dead_letters),
+                (self._datasets.results, rows.results),
+                (self._datasets.dlq, rows.dead_letters),
             ):
                 for origin, row in items:
                     self._waiting[row["key"]].add(origin)
@@ -377,7 +385,7 @@ class SinkActor:
                     self.stats["duplicates_dropped"] += 1
                     for origin in self._waiting.pop(key, ()):
                         acks[origin].append(key)
-            self._datasets.telemetry.add(telemetry)
+            self._datasets.telemetry.add(rows.telemetry)
             self._send(acks)
             self._flush(lambda dataset: dataset.due())
 

@@ -13,7 +13,8 @@ import pyarrow.dataset as ds
 import pytest
 import ray
 
-from pipeline.sinks import ParquetDataset, RootLock, SinkActor, SinkError, local_root
+from pipeline.ray_runtime import pack
+from pipeline.sinks import ParquetDataset, RootLock, Rows, SinkActor, SinkError, local_root
 
 SCHEMA = pa.schema(
     [("key", pa.string()), ("time", pa.timestamp("ms", tz="UTC")), ("value", pa.int64())]
@@ -168,11 +169,11 @@ def test_the_sink_actor_acks_keys_once_they_are_durable(ray_local, tmp_path):
         "decode_seconds": 0.0,
         "latency_seconds": 0.0,
     }
-    ray.get(sink.write.remote(results=[(0, result)]))
+    ray.get(sink.write.remote(pack(Rows(results=[(0, result)]))))
     assert ray.get(source.wait_for.remote(1, timeout_s=1.0)) == []  # buffered, not durable: no ack
     ray.get(sink.flush.remote())
     assert ray.get(source.wait_for.remote(1)) == [[result["key"]]]
-    ray.get(sink.write.remote(results=[(0, result)]))  # a replay of a durable key ...
+    ray.get(sink.write.remote(pack(Rows(results=[(0, result)]))))  # a replay of a durable key ...
     assert ray.get(source.wait_for.remote(2)) == [[result["key"]]] * 2  # ... is acked at once
     stats = ray.get(sink.close.remote())
     assert stats["results"] == 1 and stats["duplicates_dropped"] == 1
