@@ -127,12 +127,14 @@ def run_pipeline(
     # On the driver's node: the metrics endpoint (and the sink volume) live where the chart's
     # Service and ServiceMonitor look, on the Ray head that runs `calm-stream run`.
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    spec = window_spec(settings)
     sink = SinkActor.options(num_cpus=0, scheduling_strategy=here).remote(
         settings.sinks.root,
         settings.sinks.rotate_rows,
         settings.sinks.rotate_seconds,
         settings.metrics.host,
         settings.metrics.port,
+        window_horizon_ms=spec.size_ms + spec.lateness_ms,
     )
     actors: list[ray.actor.ActorHandle] = [requests.actor, sink]
     try:
@@ -152,7 +154,6 @@ def run_pipeline(
         ]
         actors += inference
         shares = node_shares(ray.get([a.node_id.remote() for a in inference]))
-        spec = window_spec(settings)
         sources = [
             KafkaSourceActor.options(num_cpus=settings.ray.source_actor_cpus).remote(
                 [topics.iot, topics.transactions],

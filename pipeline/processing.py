@@ -95,6 +95,19 @@ def dead_letter_key(topic: str, partition: int, offset: int) -> str:
     return f"{topic}/{partition}/{offset}"
 
 
+# Topic names and entity ids never contain "/" (Kafka's and operators.events' alphabets).
+def row_key_position(key: str) -> tuple[tuple[str, int], int]:
+    """A `row_key`'s source partition and window start."""
+    topic, partition, start_ms, _ = key.split("/", 3)
+    return (topic, int(partition)), int(start_ms)
+
+
+def dead_letter_key_position(key: str) -> tuple[tuple[str, int], int]:
+    """A `dead_letter_key`'s source partition and offset."""
+    topic, partition, offset = key.split("/")
+    return (topic, int(partition)), int(offset)
+
+
 def expected_kind(topic: str, iot_topic: str, transactions_topic: str) -> str | None:
     return {iot_topic: "iot", transactions_topic: "transaction"}.get(topic)
 

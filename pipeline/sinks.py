@@ -9,7 +9,9 @@ leaves either the whole file or a temporary one that the next start deletes.
 
 A keyed dataset never writes a key twice: at start it reads the key column of every committed
 file, and it drops rows whose key is already durable or already buffered. The `SinkActor` tells
-each source which keys became durable, so that sources commit offsets only after durability.
+each source which keys became durable, so that sources commit offsets only after durability; it
+forgets the keys that the sources' commits put out of any replay's reach
+(`Datasets.forget_committed`): a long run holds the keys of recent windows, not of all it wrote.
 One process writes a sink root at a time (an exclusive `flock` on `<root>/_sink.lock`): the
 sink of a killed run may still be flushing while its successor starts.
 """
@@ -17,6 +19,7 @@ sink of a killed run may still be flushing while its successor starts.
 from __future__ import annotations
 
 import fcntl
+import heapq
 import logging
 import os
 import resource
@@ -24,7 +27,7 @@ import threading
 import time
 import uuid
 from collections import defaultdict, deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -35,6 +38,7 @@ import pyarrow.parquet as pq
 import ray
 
 from pipeline.metrics import PipelineMetrics
+from pipeline.processing import dead_letter_key_position, decode_watermark, row_key_position
 from pipeline.ray_runtime import unpack
 
 log = logging.getLogger(__name__)
@@ -130,6 +134,8 @@ DEAD_LETTER_SCHEMA = pa.schema(
 )
 
 TEMP_PREFIX = ".tmp-"
+# A key's source partition and its position there (window start, offset): see `forget`.
+KeyPosition = Callable[[str], tuple[tuple[str, int], int]]
 
 
 class SinkError(RuntimeError):
@@ -203,6 +209,7 @@ class ParquetDataset:
         rotate_rows: int = 10_000,
         rotate_seconds: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
+        key_position: KeyPosition | None = None,
     ) -> None:
         self.path, self.schema, self.time_column, self.key_column = (
             path,
@@ -216,7 +223,11 @@ class ParquetDataset:
         self._buffered: set[str] = set()
         self.files_written = 0
         self._remove_temporaries()
-        self.durable: set[str] = self._committed_keys()
+        self._key_position = key_position
+        # per source partition, a heap of (position, key) of the durable keys: see `forget`
+        self._positions: dict[tuple[str, int], list[tuple[int, str]]] = defaultdict(list)
+        self.durable: set[str] = set()
+        self._remember(self._committed_keys())
 
     def add(self, rows: Iterable[dict[str, Any]]) -> list[str]:
         """Buffer new rows; return the keys of rows dropped because they are already durable
@@ -263,20 +274,37 @@ class ParquetDataset:
             self._oldest = self._oldest if self._rows else None
             if self.key_column is not None:
                 keys = {row[self.key_column] for row in committed}
-                self.durable |= keys
+                self._remember(keys)
                 self._buffered -= keys
         return committed
+
+    def forget(self, partition: tuple[str, int], below: int) -> None:
+        """Forget the durable keys of `partition` whose position is below `below`: the source
+        committed past them, so no replay can produce them again. Keeps the keys held in memory
+        bounded by what a replay can still write, not by everything ever written."""
+        heap = self._positions.get(partition)
+        while heap and heap[0][0] < below:
+            self.durable.discard(heapq.heappop(heap)[1])
+
+    def _remember(self, keys: Iterable[str]) -> None:
+        for key in keys:
+            if key in self.durable:
+                continue
+            self.durable.add(key)
+            if self._key_position is not None:
+                partition, position = self._key_position(key)
+                heapq.heappush(self._positions[partition], (position, key))
 
     def _remove_temporaries(self) -> None:
         for temp in self.path.glob(f"**/{TEMP_PREFIX}*"):
             log.info("removing %s: a write that never committed", temp)
             temp.unlink(missing_ok=True)
 
-    def _committed_keys(self) -> set[str]:
+    def _committed_keys(self) -> list[str]:
         if self.key_column is None:
-            return set()
+            return []
         keys = read_dataset(self.path, [self.key_column], self.schema).column(self.key_column)
-        return set(keys.to_pylist())
+        return keys.to_pylist()
 
 
 class RootLock:
@@ -309,10 +337,38 @@ class Datasets:
     def __init__(self, root: Path, rotate_rows: int, rotate_seconds: float) -> None:
         rotation = {"rotate_rows": rotate_rows, "rotate_seconds": rotate_seconds}
         self.results = ParquetDataset(
-            root / "results", RESULT_SCHEMA, "window_start", "key", **rotation
+            root / "results",
+            RESULT_SCHEMA,
+            "window_start",
+            "key",
+            key_position=row_key_position,
+            **rotation,
         )
         self.telemetry = ParquetDataset(root / "telemetry", TELEMETRY_SCHEMA, "time", **rotation)
-        self.dlq = ParquetDataset(root / "dlq", DEAD_LETTER_SCHEMA, "timestamp", "key", **rotation)
+        self.dlq = ParquetDataset(
+            root / "dlq",
+            DEAD_LETTER_SCHEMA,
+            "timestamp",
+            "key",
+            key_position=dead_letter_key_position,
+            **rotation,
+        )
+
+    def forget_committed(
+        self, committed: Mapping[str, int], metadata: Mapping[str, str], horizon_ms: int | None
+    ) -> None:
+        """A source committed `committed` offsets ("topic:partition" -> offset) with their
+        `metadata` (the watermark a replay resumes with): forget the keys no replay can write.
+        A replay starts at the offset, so dead letters below it never come again; it resumes
+        with the watermark W, so a window starting at or before W - `horizon_ms` (window size +
+        allowed lateness) is closed on it and never fires again."""
+        for name, offset in committed.items():
+            topic, partition = name.rsplit(":", 1)
+            tp = (topic, int(partition))
+            self.dlq.forget(tp, below=offset)
+            watermark = decode_watermark(metadata.get(name))
+            if watermark is not None and horizon_ms is not None:
+                self.results.forget(tp, below=watermark - horizon_ms + 1)
 
     def __iter__(self):
         return iter((self.results, self.telemetry, self.dlq))
@@ -332,9 +388,11 @@ class Rows:
 class SinkActor:
     """Writes rows for every inference actor and source, and acknowledges durable keys.
 
-    `write` takes packed `Rows`; a background thread commits the datasets that are due. Once a key is
-    durable (at once if it already was) its source's `acknowledge` is called with it; `connect`
-    names the sources, by index. The Prometheus metrics live here, observed as rows become durable.
+    `write` takes packed `Rows`; a background thread commits the datasets that are due. Once a
+    key is durable (at once if it already was) its source's `acknowledge` is called with it;
+    `connect` names the sources, by index. The sources' reports (`observe_source`) feed the
+    Prometheus metrics, which live here, and say what they committed: with `window_horizon_ms`
+    (window size + allowed lateness) the keys no replay can write again are forgotten then.
     """
 
     def __init__(
@@ -345,8 +403,10 @@ class SinkActor:
         metrics_host: str = "127.0.0.1",
         metrics_port: int = 0,
         lock_timeout_s: float = 120.0,
+        window_horizon_ms: int | None = None,
     ) -> None:
         self.root = local_root(root)
+        self._window_horizon_ms = window_horizon_ms
         self._lock = RootLock(self.root, lock_timeout_s)
         self._datasets = Datasets(self.root, rotate_rows, rotate_seconds)
         self._sources: list[Any] = []
@@ -395,6 +455,10 @@ class SinkActor:
         self.metrics.observe_source(source, stats)
         if queue_depth is not None:
             self.metrics.queue_depth.set(queue_depth)
+        with self._mutex:
+            self._datasets.forget_committed(
+                stats["committed"], stats["committed_metadata"], self._window_horizon_ms
+            )
 
     def flush(self) -> dict[str, int]:
         """Commit everything buffered now (shutdown, or a source giving up partitions)."""
@@ -409,6 +473,7 @@ class SinkActor:
         self._lock.release()
         return {
             **stats,
+            "keys_held": sum(len(dataset.durable) for dataset in self._datasets),
             "cpu_seconds": time.process_time() - self._cpu_from,
             "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         }

@@ -42,6 +42,9 @@ from pipeline.ray_runtime import pack
 log = logging.getLogger(__name__)
 
 
+_NO_COMMIT = OffsetAndMetadata(-1, "", -1)  # a partition with no commit yet
+
+
 class SourceRecord(NamedTuple):
     """One polled message (a tuple: one is made per message, a frozen dataclass costs more)."""
 
@@ -163,7 +166,7 @@ class _Rebalance(AsyncConsumerRebalanceListener):
         if offsets:
             try:
                 await self.source._consumer.commit_async(offsets)
-                self.source._committed.update((tp, o.offset) for tp, o in offsets.items())
+                self.source._committed.update(offsets)
             except KafkaError as error:  # the next owner replays from the older commit
                 log.warning("commit on revocation failed: %r", error)
         self.source._forget(revoked)
@@ -215,7 +218,7 @@ class KafkaSourceActor:
         self._paused_at: float | None = None
         self._known: set[TopicPartition] = set()  # partitions the stage has been given
         self._next: dict[TopicPartition, int] = {}
-        self._committed: dict[TopicPartition, int] = {}
+        self._committed: dict[TopicPartition, OffsetAndMetadata] = {}
         self._stash: list[SourceRecord] = []  # polled while paused (a rebalance added partitions)
         self._put_in_flight: tuple[ray.ObjectRef, Any] | None = None  # (ref, item): see `_put`
         self._last_commit = self._last_report = 0.0
@@ -327,7 +330,12 @@ class KafkaSourceActor:
             "duplicates": stage.get("duplicates", 0),
             "open_windows": stage.get("open_windows", 0),
             "lag": lag,
-            "committed": {f"{tp.topic}:{tp.partition}": o for tp, o in self._committed.items()},
+            "committed": {
+                f"{tp.topic}:{tp.partition}": o.offset for tp, o in self._committed.items()
+            },
+            "committed_metadata": {
+                f"{tp.topic}:{tp.partition}": o.metadata for tp, o in self._committed.items()
+            },
             "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         }
 
@@ -415,7 +423,7 @@ class KafkaSourceActor:
         except KafkaError as error:  # a rebalance is under way; its listener commits
             log.warning("commit failed: %r", error)
             return
-        self._committed.update((tp, o.offset) for tp, o in offsets.items())
+        self._committed.update(offsets)
         self.stats["commits"] += 1
 
     def _safe_offsets(
@@ -427,7 +435,7 @@ class KafkaSourceActor:
         offsets = {
             tp: point
             for tp, point in points.items()
-            if tp in partitions and point.offset > self._committed.get(tp, -1)
+            if tp in partitions and point.offset > self._committed.get(tp, _NO_COMMIT).offset
         }
         if offsets and self._dead_letters is not None:
             self._dead_letters.flush()  # dead letters below the offsets must be in their topic

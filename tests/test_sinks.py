@@ -13,8 +13,19 @@ import pyarrow.dataset as ds
 import pytest
 import ray
 
+from pipeline.processing import dead_letter_key, encode_watermark, row_key
 from pipeline.ray_runtime import pack
-from pipeline.sinks import ParquetDataset, RootLock, Rows, SinkActor, SinkError, local_root
+from pipeline.sinks import (
+    DEAD_LETTER_SCHEMA,
+    RESULT_SCHEMA,
+    Datasets,
+    ParquetDataset,
+    RootLock,
+    Rows,
+    SinkActor,
+    SinkError,
+    local_root,
+)
 
 SCHEMA = pa.schema(
     [("key", pa.string()), ("time", pa.timestamp("ms", tz="UTC")), ("value", pa.int64())]
@@ -24,6 +35,15 @@ T0 = datetime(2025, 1, 6, 10, 59, tzinfo=UTC)
 
 def rows(*keys: str, at: datetime = T0) -> list[dict]:
     return [{"key": key, "time": at, "value": i} for i, key in enumerate(keys)]
+
+
+def result_row(key: str) -> dict:
+    """A result row with every column null but its key and window start."""
+    return {name: None for name in RESULT_SCHEMA.names} | {"key": key, "window_start": T0}
+
+
+def letter_row(key: str) -> dict:
+    return {name: None for name in DEAD_LETTER_SCHEMA.names} | {"key": key, "timestamp": T0}
 
 
 def read(path: Path) -> pa.Table:
@@ -58,6 +78,36 @@ def test_a_key_is_never_written_twice_even_after_a_restart(tmp_path):
     assert restarted.add(rows("b", "c", "d")) == ["b", "c"]
     restarted.flush()
     assert sorted(read(tmp_path / "d").column("key").to_pylist()) == ["a", "b", "c", "d"]
+
+
+def test_keys_a_commit_put_out_of_replays_reach_are_forgotten(tmp_path):
+    """Keys in memory are bounded by what a replay can still write: after the source's commit
+    (offset 50 with watermark W) a dead letter below offset 50 and a window starting at or
+    before W - (size + lateness) can never come again, and are forgotten; the others stay
+    deduplicated, also when they were read back from files at a restart."""
+    horizon, watermark = 360_000, 1_000_000  # 5 min windows + 1 min lateness
+    before = watermark - horizon  # the last window start that is closed at the watermark
+    results = [
+        row_key("iot", 0, start, "dev-1") for start in (before - 300_000, before, before + 1)
+    ]
+    letters = [dead_letter_key("iot", 0, offset) for offset in (49, 50)]
+    first = Datasets(tmp_path, rotate_rows=100, rotate_seconds=60)
+    first.results.add(result_row(key) for key in results)
+    first.dlq.add(letter_row(key) for key in letters)
+    for dataset in first:
+        dataset.flush()
+    restarted = Datasets(tmp_path, rotate_rows=100, rotate_seconds=60)
+    assert restarted.results.durable == set(results) and restarted.dlq.durable == set(letters)
+
+    other_partition = {"iot:1": 10**6}, {"iot:1": encode_watermark(10**12)}
+    restarted.forget_committed(*other_partition, horizon_ms=horizon)
+    assert restarted.results.durable == set(results)  # another partition's commit forgets none
+    restarted.forget_committed(
+        {"iot:0": 50}, {"iot:0": encode_watermark(watermark)}, horizon_ms=horizon
+    )
+    assert restarted.results.durable == {results[2]}
+    assert restarted.dlq.durable == {letters[1]}
+    assert restarted.results.add([result_row(results[2])]) == [results[2]]  # still deduplicated
 
 
 def test_rotation_by_rows_and_by_seconds(tmp_path):
