@@ -16,21 +16,24 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from datetime import datetime
 from functools import partial
 from typing import Any
 
 import ray
+from kafka import KafkaConsumer, TopicPartition
 from kafka.admin import KafkaAdminClient, NewTopic
 from kafka.errors import TopicAlreadyExistsError
 from ray.util.queue import Queue
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from model.bundle import Registry
+from operators.events import from_millis
 from operators.windows import WindowSpec
 from pipeline.dlq import DeadLetterWriter
 from pipeline.inference import InferenceActor
 from pipeline.metrics import MetricsReporter
-from pipeline.processing import FlowConfig, WindowStage
+from pipeline.processing import FlowConfig, WindowStage, decode_watermark
 from pipeline.ray_runtime import init_ray
 from pipeline.settings import Settings, kafka_client_options, kafka_consumer_options
 from pipeline.sinks import SinkActor, local_root
@@ -97,6 +100,30 @@ def ensure_topics(settings: Settings, names: list[str], partitions: int = 1) -> 
         admin.close()
 
 
+def replay_floor(settings: Settings, horizon_ms: int) -> datetime | None:
+    """The earliest window start that a replay from the group's committed offsets can still fire:
+    each partition resumes with its committed watermark W, on which a window starting at or
+    before W - `horizon_ms` (window size + allowed lateness) is closed. None when an input
+    partition has no committed watermark (a fresh group: everything may replay)."""
+    topics = settings.kafka.topics
+    consumer = KafkaConsumer(
+        group_id=settings.kafka.group_id,
+        enable_auto_commit=False,
+        **kafka_client_options(settings.kafka),
+    )
+    watermarks: list[int | None] = []
+    try:
+        for topic in (topics.iot, topics.transactions):
+            for partition in sorted(consumer.partitions_for_topic(topic) or ()):
+                committed = consumer.committed(TopicPartition(topic, partition), metadata=True)
+                watermarks.append(decode_watermark(committed.metadata) if committed else None)
+    finally:
+        consumer.close(autocommit=False)
+    if not watermarks or None in watermarks:
+        return None
+    return from_millis(min(watermarks) - horizon_ms + 1)
+
+
 def request_flush(sink: ray.actor.ActorHandle) -> None:
     """A draining source's call: the sink commits what it buffered now, not at its next rotation
     (without waiting for it: the source keeps reading acks meanwhile)."""
@@ -135,6 +162,7 @@ def run_pipeline(
         settings.metrics.host,
         settings.metrics.port,
         window_horizon_ms=spec.size_ms + spec.lateness_ms,
+        windows_since=replay_floor(settings, spec.size_ms + spec.lateness_ms),
     )
     actors: list[ray.actor.ActorHandle] = [requests.actor, sink]
     try:

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
@@ -180,10 +181,13 @@ def hour_partition(ts: datetime) -> str:
 
 
 def read_dataset(
-    path: Path, columns: list[str] | None = None, schema: pa.Schema | None = None
+    path: Path,
+    columns: list[str] | None = None,
+    schema: pa.Schema | None = None,
+    where: pc.Expression | None = None,
 ) -> pa.Table:
     """All committed files of a dataset (temporary files skipped), with `date` and `hour` unless
-    a `schema` is given (which also types an empty or missing dataset)."""
+    a `schema` is given (which also types an empty or missing dataset); `where` filters rows."""
     # Imported here: pyarrow.dataset imports pandas (~0.8 s of CPU), and every actor that holds
     # a sink handle imports this module, where only the sink and the readers read datasets.
     import pyarrow.dataset as ds
@@ -194,7 +198,7 @@ def read_dataset(
     dataset = ds.dataset(
         path, schema=schema, format="parquet", partitioning="hive", ignore_prefixes=[".", "_"]
     )
-    return dataset.to_table(columns=columns)
+    return dataset.to_table(columns=columns, filter=where)
 
 
 class ParquetDataset:
@@ -210,6 +214,7 @@ class ParquetDataset:
         rotate_seconds: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
         key_position: KeyPosition | None = None,
+        keys_since: datetime | None = None,
     ) -> None:
         self.path, self.schema, self.time_column, self.key_column = (
             path,
@@ -227,7 +232,7 @@ class ParquetDataset:
         # per source partition, a heap of (position, key) of the durable keys: see `forget`
         self._positions: dict[tuple[str, int], list[tuple[int, str]]] = defaultdict(list)
         self.durable: set[str] = set()
-        self._remember(self._committed_keys())
+        self._remember(self._committed_keys(keys_since))
 
     def add(self, rows: Iterable[dict[str, Any]]) -> list[str]:
         """Buffer new rows; return the keys of rows dropped because they are already durable
@@ -300,11 +305,14 @@ class ParquetDataset:
             log.info("removing %s: a write that never committed", temp)
             temp.unlink(missing_ok=True)
 
-    def _committed_keys(self) -> list[str]:
+    def _committed_keys(self, since: datetime | None) -> list[str]:
+        """The keys on disk; with `since`, of the rows whose time column is not older (the
+        others are out of any replay's reach)."""
         if self.key_column is None:
             return []
-        keys = read_dataset(self.path, [self.key_column], self.schema).column(self.key_column)
-        return keys.to_pylist()
+        where = None if since is None else pc.field(self.time_column) >= pa.scalar(since, _TS)
+        table = read_dataset(self.path, [self.key_column], self.schema, where)
+        return table.column(self.key_column).to_pylist()
 
 
 class RootLock:
@@ -334,7 +342,15 @@ class RootLock:
 class Datasets:
     """The three datasets of a sink root."""
 
-    def __init__(self, root: Path, rotate_rows: int, rotate_seconds: float) -> None:
+    def __init__(
+        self,
+        root: Path,
+        rotate_rows: int,
+        rotate_seconds: float,
+        windows_since: datetime | None = None,
+    ) -> None:
+        """`windows_since`: no replay can fire a window that started before it (see
+        `pipeline.job.replay_floor`): the keys of older result rows are not read back."""
         rotation = {"rotate_rows": rotate_rows, "rotate_seconds": rotate_seconds}
         self.results = ParquetDataset(
             root / "results",
@@ -342,6 +358,7 @@ class Datasets:
             "window_start",
             "key",
             key_position=row_key_position,
+            keys_since=windows_since,
             **rotation,
         )
         self.telemetry = ParquetDataset(root / "telemetry", TELEMETRY_SCHEMA, "time", **rotation)
@@ -392,7 +409,8 @@ class SinkActor:
     key is durable (at once if it already was) its source's `acknowledge` is called with it;
     `connect` names the sources, by index. The sources' reports (`observe_source`) feed the
     Prometheus metrics, which live here, and say what they committed: with `window_horizon_ms`
-    (window size + allowed lateness) the keys no replay can write again are forgotten then.
+    (window size + allowed lateness) the keys no replay can write again are forgotten then;
+    `windows_since` keeps the keys of older windows from being read back at all.
     """
 
     def __init__(
@@ -404,11 +422,12 @@ class SinkActor:
         metrics_port: int = 0,
         lock_timeout_s: float = 120.0,
         window_horizon_ms: int | None = None,
+        windows_since: datetime | None = None,
     ) -> None:
         self.root = local_root(root)
         self._window_horizon_ms = window_horizon_ms
         self._lock = RootLock(self.root, lock_timeout_s)
-        self._datasets = Datasets(self.root, rotate_rows, rotate_seconds)
+        self._datasets = Datasets(self.root, rotate_rows, rotate_seconds, windows_since)
         self._sources: list[Any] = []
         self._waiting: dict[str, set[int]] = defaultdict(set)  # key -> sources waiting for it
         self._mutex = threading.Lock()

@@ -25,6 +25,8 @@ from pathlib import Path
 import pyarrow.compute as pc
 import pytest
 import ray
+from kafka import KafkaConsumer, TopicPartition
+from kafka.structs import OffsetAndMetadata
 from pipeline_helpers import (
     REPO,
     committed_offsets,
@@ -43,7 +45,14 @@ from operators.prompts import render_prompt
 from operators.stats import window_stats
 from operators.windows import WindowSpec
 from pipeline.inference import row_seed
-from pipeline.processing import FlowConfig, PartitionFlow, WindowRequest, decode_watermark
+from pipeline.job import ensure_topics, replay_floor
+from pipeline.processing import (
+    FlowConfig,
+    PartitionFlow,
+    WindowRequest,
+    decode_watermark,
+    encode_watermark,
+)
 from pipeline.simulator import Mess, simulate
 from pipeline.sinks import DETERMINISTIC_RESULT_COLUMNS
 from pipeline.source import SourceRecord
@@ -176,6 +185,36 @@ def run_flow(flow: PartitionFlow, records: list[SourceRecord], end: bool = True)
             out[item.key] = item.prompt if isinstance(item, WindowRequest) else item.reason
             flow.acknowledge(item.key)
     return out | ({r.key: r.prompt for r in flow.end_of_input()} if end else {})
+
+
+def test_the_replay_floor_is_the_smallest_committed_watermark_less_the_window_horizon(
+    kafka_broker, tmp_path
+):
+    """The sink reads back only the keys of windows a replay can still fire; what bounds them is
+    the group's smallest committed watermark, and only once every input partition has one."""
+    settings = pipeline_settings(kafka_broker.bootstrap_servers, tmp_path, None, "floor")
+    iot, txn = settings.kafka.topics.iot, settings.kafka.topics.transactions
+    ensure_topics(settings, [iot, txn], partitions=2)
+    horizon = 360_000
+    assert replay_floor(settings, horizon) is None  # a fresh group: everything may replay
+    committer = KafkaConsumer(
+        bootstrap_servers=kafka_broker.bootstrap_servers,
+        group_id=settings.kafka.group_id,
+        enable_auto_commit=False,
+    )
+    marks = {
+        TopicPartition(iot, 0): 5_000_000,
+        TopicPartition(iot, 1): 4_000_000,
+        TopicPartition(txn, 0): 6_000_000,
+        TopicPartition(txn, 1): 7_000_000,
+    }
+    committer.assign(list(marks))
+    first, last = list(marks)[:3], list(marks)[3]
+    committer.commit({tp: OffsetAndMetadata(1, encode_watermark(marks[tp]), -1) for tp in first})
+    assert replay_floor(settings, horizon) is None  # one partition has no watermark yet
+    committer.commit({last: OffsetAndMetadata(1, encode_watermark(marks[last]), -1)})
+    committer.close(autocommit=False)
+    assert replay_floor(settings, horizon) == from_millis(4_000_000 - horizon + 1)
 
 
 @pytest.mark.parametrize("cut", [150, 400, 777, 1100])

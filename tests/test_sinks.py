@@ -110,6 +110,17 @@ def test_keys_a_commit_put_out_of_replays_reach_are_forgotten(tmp_path):
     assert restarted.results.add([result_row(results[2])]) == [results[2]]  # still deduplicated
 
 
+def test_keys_of_windows_before_the_replay_floor_are_not_read_back(tmp_path):
+    old, recent = row_key("iot", 0, 0, "dev-1"), row_key("iot", 0, 1, "dev-1")
+    first = Datasets(tmp_path, rotate_rows=100, rotate_seconds=60)
+    first.results.add([result_row(old) | {"window_start": T0}])
+    first.results.add([result_row(recent) | {"window_start": T0 + timedelta(hours=1)}])
+    first.results.flush()
+    restarted = Datasets(tmp_path, 100, 60, windows_since=T0 + timedelta(minutes=30))
+    assert restarted.results.durable == {recent}
+    assert Datasets(tmp_path, 100, 60).results.durable == {old, recent}
+
+
 def test_rotation_by_rows_and_by_seconds(tmp_path):
     clock = Clock()
     dataset = ParquetDataset(
