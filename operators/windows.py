@@ -72,6 +72,10 @@ class WindowSpec:
         """The watermark at which the window starting at `start_ms` fires."""
         return start_ms + self.size_ms + self.lateness_ms
 
+    def last_closed_start(self, watermark_ms: int) -> int:
+        """Windows starting at or before this are closed at `watermark_ms` (`close_ms` reached)."""
+        return watermark_ms - self.size_ms - self.lateness_ms
+
 
 class Record(NamedTuple):
     """An event as the windower holds it, with where it came from (a tuple: one is made per
@@ -185,7 +189,7 @@ class Windower:
         start, they are a prefix, ending at the last start whose close the watermark reached."""
         if self.watermark_ms is None:
             return 0
-        last_closed = self.watermark_ms - self.spec.size_ms - self.spec.lateness_ms
+        last_closed = self.spec.last_closed_start(self.watermark_ms)
         return max(0, min(len(starts), (last_closed - starts.start) // starts.step + 1))
 
     def _advance(self, watermark_ms: int) -> list[ClosedWindow]:

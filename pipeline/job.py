@@ -100,11 +100,11 @@ def ensure_topics(settings: Settings, names: list[str], partitions: int = 1) -> 
         admin.close()
 
 
-def replay_floor(settings: Settings, horizon_ms: int) -> datetime | None:
+def replay_floor(settings: Settings, spec: WindowSpec) -> datetime | None:
     """The earliest window start that a replay from the group's committed offsets can still fire:
-    each partition resumes with its committed watermark W, on which a window starting at or
-    before W - `horizon_ms` (window size + allowed lateness) is closed. None when an input
-    partition has no committed watermark (a fresh group: everything may replay)."""
+    each partition resumes with its committed watermark, on which the windows up to
+    `spec.last_closed_start` are closed. None when an input partition has no committed
+    watermark (a fresh group: everything may replay)."""
     topics = settings.kafka.topics
     consumer = KafkaConsumer(
         group_id=settings.kafka.group_id,
@@ -121,7 +121,7 @@ def replay_floor(settings: Settings, horizon_ms: int) -> datetime | None:
         consumer.close(autocommit=False)
     if not watermarks or None in watermarks:
         return None
-    return from_millis(min(watermarks) - horizon_ms + 1)
+    return from_millis(spec.last_closed_start(min(watermarks)) + 1)
 
 
 def request_flush(sink: ray.actor.ActorHandle) -> None:
@@ -161,8 +161,8 @@ def run_pipeline(
         settings.sinks.rotate_seconds,
         settings.metrics.host,
         settings.metrics.port,
-        window_horizon_ms=spec.size_ms + spec.lateness_ms,
-        windows_since=replay_floor(settings, spec.size_ms + spec.lateness_ms),
+        window_spec=spec,
+        windows_since=replay_floor(settings, spec),
     )
     actors: list[ray.actor.ActorHandle] = [requests.actor, sink]
     try:

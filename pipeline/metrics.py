@@ -18,6 +18,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from pipeline.source import parse_partition_name
+
 SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 TOKENS = (1, 4, 16, 64, 128, 256, 512, 1024, 2048, 4096, 16384)
 OPERATION = "text_completion"
@@ -159,8 +161,8 @@ class PipelineMetrics:
         last.update(records=stats["records"], duplicates=stats["duplicates"])
         self.open_windows.labels(source).set(stats["open_windows"])
         for name, lag in stats["lag"].items():
-            topic, partition = name.rsplit(":", 1)
-            self.lag.labels(topic, partition).set(lag)
+            topic, partition = parse_partition_name(name)
+            self.lag.labels(topic, str(partition)).set(lag)
 
     def _results(self, rows: Iterable[dict[str, Any]]) -> None:
         now = time.time()

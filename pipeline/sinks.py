@@ -38,9 +38,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
+from operators.windows import WindowSpec
 from pipeline.metrics import PipelineMetrics
 from pipeline.processing import dead_letter_key_position, decode_watermark, row_key_position
 from pipeline.ray_runtime import unpack
+from pipeline.source import parse_partition_name
 
 log = logging.getLogger(__name__)
 
@@ -372,20 +374,18 @@ class Datasets:
         )
 
     def forget_committed(
-        self, committed: Mapping[str, int], metadata: Mapping[str, str], horizon_ms: int | None
+        self, committed: Mapping[str, int], metadata: Mapping[str, str], spec: WindowSpec | None
     ) -> None:
-        """A source committed `committed` offsets ("topic:partition" -> offset) with their
-        `metadata` (the watermark a replay resumes with): forget the keys no replay can write.
-        A replay starts at the offset, so dead letters below it never come again; it resumes
-        with the watermark W, so a window starting at or before W - `horizon_ms` (window size +
-        allowed lateness) is closed on it and never fires again."""
+        """A source committed `committed` offsets (by `partition_name`) with their `metadata`
+        (the watermark a replay resumes with): forget the keys no replay can write. A replay
+        starts at the offset, so dead letters below it never come again; it resumes with the
+        watermark, on which the windows of `spec` up to `last_closed_start` are closed."""
         for name, offset in committed.items():
-            topic, partition = name.rsplit(":", 1)
-            tp = (topic, int(partition))
+            tp = parse_partition_name(name)
             self.dlq.forget(tp, below=offset)
             watermark = decode_watermark(metadata.get(name))
-            if watermark is not None and horizon_ms is not None:
-                self.results.forget(tp, below=watermark - horizon_ms + 1)
+            if watermark is not None and spec is not None:
+                self.results.forget(tp, below=spec.last_closed_start(watermark) + 1)
 
     def __iter__(self):
         return iter((self.results, self.telemetry, self.dlq))
@@ -408,9 +408,9 @@ class SinkActor:
     `write` takes packed `Rows`; a background thread commits the datasets that are due. Once a
     key is durable (at once if it already was) its source's `acknowledge` is called with it;
     `connect` names the sources, by index. The sources' reports (`observe_source`) feed the
-    Prometheus metrics, which live here, and say what they committed: with `window_horizon_ms`
-    (window size + allowed lateness) the keys no replay can write again are forgotten then;
-    `windows_since` keeps the keys of older windows from being read back at all.
+    Prometheus metrics, which live here, and say what they committed: with the job's
+    `window_spec` the keys no replay can write again are forgotten then; `windows_since` keeps
+    the keys of older windows from being read back at all.
     """
 
     def __init__(
@@ -421,11 +421,11 @@ class SinkActor:
         metrics_host: str = "127.0.0.1",
         metrics_port: int = 0,
         lock_timeout_s: float = 120.0,
-        window_horizon_ms: int | None = None,
+        window_spec: WindowSpec | None = None,
         windows_since: datetime | None = None,
     ) -> None:
         self.root = local_root(root)
-        self._window_horizon_ms = window_horizon_ms
+        self._window_spec = window_spec
         self._lock = RootLock(self.root, lock_timeout_s)
         self._datasets = Datasets(self.root, rotate_rows, rotate_seconds, windows_since)
         self._sources: list[Any] = []
@@ -476,7 +476,7 @@ class SinkActor:
             self.metrics.queue_depth.set(queue_depth)
         with self._mutex:
             self._datasets.forget_committed(
-                stats["committed"], stats["committed_metadata"], self._window_horizon_ms
+                stats["committed"], stats["committed_metadata"], self._window_spec
             )
 
     def flush(self) -> dict[str, int]:

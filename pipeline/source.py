@@ -45,6 +45,16 @@ log = logging.getLogger(__name__)
 _NO_COMMIT = OffsetAndMetadata(-1, "", -1)  # a partition with no commit yet
 
 
+def partition_name(tp: TopicPartition) -> str:
+    """How snapshots name a partition: `topic:partition` (topic names have no ':')."""
+    return f"{tp.topic}:{tp.partition}"
+
+
+def parse_partition_name(name: str) -> tuple[str, int]:
+    topic, partition = name.rsplit(":", 1)
+    return topic, int(partition)
+
+
 class SourceRecord(NamedTuple):
     """One polled message (a tuple: one is made per message, a frozen dataclass costs more)."""
 
@@ -313,7 +323,7 @@ class KafkaSourceActor:
     def committed(self) -> dict[str, int]:
         """Committed offset per `topic:partition`, as the broker reports it."""
         return {
-            f"{tp.topic}:{tp.partition}": self._consumer.committed(tp)
+            partition_name(tp): self._consumer.committed(tp)
             for tp in sorted(self._consumer.assignment())
         }
 
@@ -322,7 +332,7 @@ class KafkaSourceActor:
         for tp, position in self._next.items():
             highwater = self._consumer.highwater(tp)
             if highwater is not None:
-                lag[f"{tp.topic}:{tp.partition}"] = max(0, highwater - position)
+                lag[partition_name(tp)] = max(0, highwater - position)
         stage = self._stage.stats()
         return {
             **self.stats,
@@ -330,11 +340,9 @@ class KafkaSourceActor:
             "duplicates": stage.get("duplicates", 0),
             "open_windows": stage.get("open_windows", 0),
             "lag": lag,
-            "committed": {
-                f"{tp.topic}:{tp.partition}": o.offset for tp, o in self._committed.items()
-            },
+            "committed": {partition_name(tp): o.offset for tp, o in self._committed.items()},
             "committed_metadata": {
-                f"{tp.topic}:{tp.partition}": o.metadata for tp, o in self._committed.items()
+                partition_name(tp): o.metadata for tp, o in self._committed.items()
             },
             "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         }

@@ -195,8 +195,8 @@ def test_the_replay_floor_is_the_smallest_committed_watermark_less_the_window_ho
     settings = pipeline_settings(kafka_broker.bootstrap_servers, tmp_path, None, "floor")
     iot, txn = settings.kafka.topics.iot, settings.kafka.topics.transactions
     ensure_topics(settings, [iot, txn], partitions=2)
-    horizon = 360_000
-    assert replay_floor(settings, horizon) is None  # a fresh group: everything may replay
+    spec = WindowSpec.from_seconds(300, None, 30, 60)
+    assert replay_floor(settings, spec) is None  # a fresh group: everything may replay
     committer = KafkaConsumer(
         bootstrap_servers=kafka_broker.bootstrap_servers,
         group_id=settings.kafka.group_id,
@@ -211,10 +211,10 @@ def test_the_replay_floor_is_the_smallest_committed_watermark_less_the_window_ho
     committer.assign(list(marks))
     first, last = list(marks)[:3], list(marks)[3]
     committer.commit({tp: OffsetAndMetadata(1, encode_watermark(marks[tp]), -1) for tp in first})
-    assert replay_floor(settings, horizon) is None  # one partition has no watermark yet
+    assert replay_floor(settings, spec) is None  # one partition has no watermark yet
     committer.commit({last: OffsetAndMetadata(1, encode_watermark(marks[last]), -1)})
     committer.close(autocommit=False)
-    assert replay_floor(settings, horizon) == from_millis(4_000_000 - horizon + 1)
+    assert replay_floor(settings, spec) == from_millis(4_000_000 - 360_000 + 1)  # 5 + 1 min
 
 
 @pytest.mark.parametrize("cut", [150, 400, 777, 1100])

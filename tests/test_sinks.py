@@ -13,6 +13,7 @@ import pyarrow.dataset as ds
 import pytest
 import ray
 
+from operators.windows import WindowSpec
 from pipeline.processing import dead_letter_key, encode_watermark, row_key
 from pipeline.ray_runtime import pack
 from pipeline.sinks import (
@@ -85,7 +86,8 @@ def test_keys_a_commit_put_out_of_replays_reach_are_forgotten(tmp_path):
     (offset 50 with watermark W) a dead letter below offset 50 and a window starting at or
     before W - (size + lateness) can never come again, and are forgotten; the others stay
     deduplicated, also when they were read back from files at a restart."""
-    horizon, watermark = 360_000, 1_000_000  # 5 min windows + 1 min lateness
+    spec, watermark = WindowSpec.from_seconds(300, None, 30, 60), 1_000_000
+    horizon = 360_000  # 5 min windows + 1 min lateness
     before = watermark - horizon  # the last window start that is closed at the watermark
     results = [
         row_key("iot", 0, start, "dev-1") for start in (before - 300_000, before, before + 1)
@@ -100,11 +102,9 @@ def test_keys_a_commit_put_out_of_replays_reach_are_forgotten(tmp_path):
     assert restarted.results.durable == set(results) and restarted.dlq.durable == set(letters)
 
     other_partition = {"iot:1": 10**6}, {"iot:1": encode_watermark(10**12)}
-    restarted.forget_committed(*other_partition, horizon_ms=horizon)
+    restarted.forget_committed(*other_partition, spec)
     assert restarted.results.durable == set(results)  # another partition's commit forgets none
-    restarted.forget_committed(
-        {"iot:0": 50}, {"iot:0": encode_watermark(watermark)}, horizon_ms=horizon
-    )
+    restarted.forget_committed({"iot:0": 50}, {"iot:0": encode_watermark(watermark)}, spec)
     assert restarted.results.durable == {results[2]}
     assert restarted.dlq.durable == {letters[1]}
     assert restarted.results.add([result_row(results[2])]) == [results[2]]  # still deduplicated
