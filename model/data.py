@@ -11,7 +11,6 @@ every prompt length puts the model on padding it was trained on. r = 0 for the A
 """
 
 import json
-import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -20,11 +19,8 @@ import numpy as np
 from model.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
 
 
-def shared_data_dir() -> Path:
-    """../shared/data beside the repository, or $CALM_STREAM_SHARED_DIR/data."""
-    env = os.environ.get("CALM_STREAM_SHARED_DIR")
-    shared = Path(env) if env else Path(__file__).resolve().parents[1] / ".." / "shared"
-    return (shared / "data").resolve()
+# Package data (model/corpora, with its attribution and licence), found in a checkout and an install.
+CORPORA_DIR = Path(__file__).resolve().parent / "corpora"
 
 
 def read_documents(path: str | Path) -> list[str]:
@@ -34,18 +30,19 @@ def read_documents(path: str | Path) -> list[str]:
 
 
 def wikitext_path() -> Path:
-    """The WikiText-103 test documents (the paper's evaluation text) in the shared data folder."""
-    return shared_data_dir() / "wikitext103-test-documents.jsonl"
+    """The WikiText-103 test documents (the paper's evaluation text), shipped as package data."""
+    path = CORPORA_DIR / "wikitext103-test-documents.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} is missing: it ships with calm-stream (model/corpora); reinstall the package "
+            "(`pip install calm-stream` or `make venv` in a checkout) or pass your own documents "
+            "file with --corpus"
+        )
+    return path
 
 
 def wikitext_documents() -> list[str]:
-    path = wikitext_path()
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} is missing: the WikiText-103 documents live in the project's shared/data "
-            "folder; put shared/ beside the repository or set CALM_STREAM_SHARED_DIR to it"
-        )
-    return read_documents(path)
+    return read_documents(wikitext_path())
 
 
 def split_documents(docs: Sequence[str], n_heldout: int) -> tuple[list[str], list[str]]:

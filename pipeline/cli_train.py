@@ -133,7 +133,7 @@ def reproduce(
     ] = 20.0,
     corpus: Annotated[
         str | None,
-        typer.Option("--corpus", help="Documents file (default: ../shared/data WikiText-103)."),
+        typer.Option("--corpus", help="Documents file (default: the shipped WikiText-103 test documents, model/corpora).."),
     ] = None,
     workers: Workers = 2,
     cpus_per_worker: CpusPerWorker = 1.0,

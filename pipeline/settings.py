@@ -40,7 +40,7 @@ ENV_PREFIX = "CALM_STREAM_"
 ENV_NESTED_DELIMITER = "__"
 CONFIG_FILE_ENV = f"{ENV_PREFIX}CONFIG"
 # Variables with our prefix that are not settings: tools read them directly.
-NON_SETTING_ENV = {CONFIG_FILE_ENV, f"{ENV_PREFIX}SHARED_DIR"}
+NON_SETTING_ENV = {CONFIG_FILE_ENV}
 
 _HOST_PORT = re.compile(r"^[A-Za-z0-9._-]+:\d{1,5}$|^\[[0-9A-Fa-f:]+\]:\d{1,5}$")
 

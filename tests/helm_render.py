@@ -40,6 +40,8 @@ CI_VALUES = sorted((CHART / "ci").glob("*-values.yaml"))
 KUBE_VERSION = "1.33.0"
 TOOLS_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "calm-stream"
 INSTALLER = "deploy/tools/install-go-tools.sh"
+# KubeRay's CRDs, test data beside this module (installing them is the operator's job, not the chart's).
+KUBERAY_CRDS = Path(__file__).resolve().parent / "helm_crds" / "kuberay-v1.7.0"
 SERVICEMONITOR_CRD = (
     TOOLS_CACHE
     / "crds"
@@ -60,10 +62,6 @@ CHART_MANAGED_SETTINGS = {
 POD_IP = "10.1.2.3"
 # The CRDs are 60k lines of YAML: libyaml reads them in a second, pure Python in ten.
 FAST_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-
-
-def shared_dir() -> Path:
-    return Path(os.environ.get("CALM_STREAM_SHARED_DIR") or REPO / ".." / "shared").resolve()
 
 
 def find_tool(name: str) -> Path | None:
@@ -184,7 +182,7 @@ def structural(schema: Any) -> Any:
 
 
 def _crd_files() -> list[Path]:
-    crds = sorted((shared_dir() / "crds").glob("*/*.yaml"))
+    crds = sorted(KUBERAY_CRDS.glob("*.yaml"))
     return crds + ([SERVICEMONITOR_CRD] if SERVICEMONITOR_CRD.is_file() else [])
 
 

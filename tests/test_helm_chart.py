@@ -70,7 +70,7 @@ def tools() -> None:
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):
-        if name.startswith("CALM_STREAM_") and name != "CALM_STREAM_SHARED_DIR":
+        if name.startswith("CALM_STREAM_"):
             monkeypatch.delenv(name)
 
 
@@ -971,11 +971,7 @@ def test_rendered_pipeline_runs_against_the_test_broker(
     env = container_env(driver, docs)
     assert env["CALM_STREAM_RAY__ADDRESS"] == f"{POD_IP}:6379"
     env["CALM_STREAM_RAY__ADDRESS"] = ray.get_runtime_context().gcs_address  # the head, here
-    base = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith("CALM_STREAM_") or k == "CALM_STREAM_SHARED_DIR"
-    }
+    base = {k: v for k, v in os.environ.items() if not k.startswith("CALM_STREAM_")}
     calm = {k: v for k, v in env.items() if k.startswith("CALM_STREAM_")}
 
     result = subprocess.run(

@@ -5,8 +5,8 @@ Two kinds of corpus:
   (Parquet or JSONL) of (prompt, reference, facts) records, held out by entity. A training
   document is the prompt, one space, then the reference summary: at inference the model reads
   `<bos> prompt` and writes ` summary... <eos>`.
-- one Parquet/JSONL file of plain documents (field `text`, e.g. ../shared/data's WikiText-103),
-  split by document: the last `valid_fraction` of the documents are held out.
+- one Parquet/JSONL file of plain documents (field `text`, e.g. the WikiText-103 test documents
+  shipped in model/corpora), split by document: the last `valid_fraction` of the documents are held out.
 
 Data order is deterministic, so that a resumed job trains on exactly the batches an
 uninterrupted one would have:

@@ -1,6 +1,6 @@
 """`calm-stream bench reproduce`: the paper's comparison table in miniature, under one CPU budget.
 
-On WikiText-103 documents (../shared/data, split 90/10 by document) it trains, with the real
+On WikiText-103 documents (shipped in model/corpora, split 90/10 by document) it trains, with the real
 training job (Ray Train, the same stages as `calm-stream train`):
 - autoencoders with K = 1, 2, 4 (each CALM needs the autoencoder of its own K),
 - CALM with K = 1, 2, 4 on backbone S,
