@@ -8,11 +8,12 @@ import typer
 
 from model.bench_sampling import main as bench_sampling_main
 from pipeline.bench_produce import print_bench_produce
+from pipeline.cli_errors import reported
 from pipeline.cli_model import bench_generate_command
 from pipeline.cli_run import bench_pipeline_command
 from pipeline.cli_train import reproduce
 from pipeline.embedded import kafka_or_local
-from pipeline.settings import kafka_client_options
+from pipeline.settings import SettingsError, kafka_client_options
 
 bench_app = typer.Typer(help="Benchmarks; each prints one JSON document.", no_args_is_help=True)
 
@@ -27,7 +28,7 @@ def bench_produce(
     """Simulator -> Kafka rate against kafka-python's raw produce rate for the same payloads.
 
     Uses kafka.bootstrap_servers, or a throwaway local broker when none is configured."""
-    with kafka_or_local(ctx.find_root().obj.settings()) as settings:
+    with reported(SettingsError), kafka_or_local(ctx.find_root().obj.settings()) as settings:
         print_bench_produce(kafka_client_options(settings.kafka), count=count, kind=kind, seed=seed)
 
 

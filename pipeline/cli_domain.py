@@ -15,7 +15,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from operators.facts import score
+from pipeline.cli_errors import fail
 from pipeline.corpus_build import read_records, token_stats, write_corpus
+from pipeline.kafka_check import check_kafka
 from pipeline.producer import FileSink, KafkaSink, Sink, produce
 from pipeline.settings import SettingsError, kafka_client_options
 from pipeline.simulator import IOT_ANOMALIES, TXN_ANOMALIES, Mess, simulate
@@ -74,10 +76,10 @@ def _send(
         kafka = ctx.find_root().obj.settings().kafka
         topic = topic or (kafka.topics.iot if kind == "iot" else kafka.topics.transactions)
         try:
+            check_kafka(kafka)
             sink, target = KafkaSink(topic, kafka_client_options(kafka)), f"topic {topic}"
         except SettingsError as error:
-            console.print(f"[bold red]error:[/] {error}", highlight=False)
-            raise typer.Exit(2) from None
+            raise fail(error) from None
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),

@@ -21,7 +21,8 @@ from typing import Annotated
 
 import typer
 
-from pipeline.cli_errors import fail
+from pipeline.cli_errors import fail, reported
+from pipeline.settings import SettingsError
 
 
 def run_command(
@@ -43,8 +44,8 @@ def run_command(
     """Run the streaming pipeline from the settings until SIGTERM/SIGINT (drain, flush, commit)."""
     from model.bundle import BundleError
     from pipeline.job import JobOptions, run_pipeline
+    from pipeline.kafka_check import check_kafka
     from pipeline.ray_runtime import init_ray
-    from pipeline.settings import SettingsError
     from pipeline.sinks import SinkError
 
     settings = ctx.find_root().obj.settings()
@@ -52,6 +53,7 @@ def run_command(
     logging.getLogger("pipeline").setLevel(logging.INFO)
     stop = threading.Event()
     try:
+        check_kafka(settings.kafka)  # before Ray starts: a wrong server fails in seconds
         init_ray(settings.ray)  # ray.init installs a SIGTERM handler of its own: ours goes on top
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: stop.set())
@@ -87,13 +89,16 @@ def demo_command(
     and payment streams, the shipped bundle; prints results, throughput, cost and file paths."""
     from dataclasses import replace
 
+    from model.bundle import BundleError
     from pipeline.demo import DemoPlan, run_demo
+    from pipeline.sinks import SinkError
 
     given = {"iot_events": iot_events, "transaction_events": transaction_events, "seed": seed}
     plan = replace(
         DemoPlan(), **{name: value for name, value in given.items() if value is not None}
     )
-    run_demo(ctx.find_root().obj.settings(), plan)
+    with reported(SettingsError, BundleError, SinkError):
+        run_demo(ctx.find_root().obj.settings(), plan)
 
 
 def report_command(
@@ -133,7 +138,7 @@ def bench_pipeline_command(
     from pipeline.bench_pipeline import bench_pipeline
     from pipeline.embedded import kafka_or_local
 
-    with kafka_or_local(ctx.find_root().obj.settings()) as settings:
+    with reported(SettingsError), kafka_or_local(ctx.find_root().obj.settings()) as settings:
         print(
             json.dumps(
                 bench_pipeline(

@@ -32,6 +32,7 @@ from operators.events import from_millis
 from operators.windows import WindowSpec
 from pipeline.dlq import DeadLetterWriter
 from pipeline.inference import InferenceActor
+from pipeline.kafka_check import check_kafka
 from pipeline.metrics import MetricsReporter
 from pipeline.processing import FlowConfig, WindowStage, decode_watermark
 from pipeline.ray_runtime import init_ray
@@ -145,6 +146,7 @@ def run_pipeline(
     if not options.passthrough:  # a missing or broken bundle fails here, not inside an actor
         registry = Registry(settings.model.registry)
         registry.open(registry.resolve(settings.model.bundle_version))
+    check_kafka(settings.kafka)  # a wrong server or password fails here in seconds, saying why
     init_ray(settings.ray)
     topics = settings.kafka.topics
     ensure_topics(settings, [topics.dlq, topics.late])

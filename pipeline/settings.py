@@ -93,6 +93,9 @@ class KafkaSettings(_Section):
     # backlog by up to this much: its default (500) cost `bench pipeline` a quarter of its rate.
     fetch_max_wait_ms: int = Field(100, ge=0, le=60_000)
     max_message_bytes: int = Field(64 * 1024, ge=256, le=16 * 1024 * 1024)
+    # How long a client may look for a broker that answers (and accepts its credentials) before
+    # the program gives up: kafka-python's own default of 30 s per client hid the cause for 40 s.
+    connect_timeout_seconds: float = Field(6, gt=0, le=600, allow_inf_nan=False)
 
     _split_servers = field_validator("bootstrap_servers", mode="before")(_split_commas)
 
@@ -392,6 +395,7 @@ def kafka_client_options(kafka: KafkaSettings) -> dict[str, Any]:
         "bootstrap_servers": list(kafka.bootstrap_servers),
         "client_id": kafka.client_id,
         "security_protocol": kafka.security_protocol,
+        "bootstrap_timeout_ms": round(kafka.connect_timeout_seconds * 1000),
     }
     if kafka.security_protocol.startswith("SASL_"):
         options["sasl_mechanism"] = kafka.sasl_mechanism
