@@ -11,7 +11,9 @@ start|stop|status` (a named broker that outlives the CLI process). The steps:
 3. LocalKafka.stop(): SIGTERM, wait, SIGKILL; remove the work dir.
 
 A second SASL_PLAINTEXT listener (PLAIN and/or SCRAM-SHA-256, one user) is opened when a
-SaslUser is given, so tests can show that a client without credentials is refused.
+SaslUser is given, so tests can show that a client without credentials is refused. Its password
+never appears in a command line (which every user of the machine can read): PLAIN reads it from
+the 0600 server.properties, SCRAM gets it through the admin API once the broker serves.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from string import Template
 from typing import Self
 
 from kafka import KafkaAdminClient
+from kafka.admin import UserScramCredentialUpsertion
 from kafka.errors import KafkaError
 
 KAFKA_DIR = Path(__file__).resolve().parent / "kafka"
@@ -68,7 +71,7 @@ class SaslUser:
     mechanisms: tuple[str, ...] = SASL_MECHANISMS
 
     def __post_init__(self) -> None:
-        # The values go verbatim into a JAAS line and a kafka-storage --add-scram argument.
+        # The values go verbatim into a JAAS line.
         if not re.fullmatch(r"[A-Za-z0-9._-]+", self.username):
             raise ValueError("SASL username must be non-empty ASCII letters, digits, '.', '_', '-'")
         if not re.fullmatch(r"[\x21-\x7e]+", self.password) or set(self.password) & set('"\\,=[]'):
@@ -264,6 +267,7 @@ class LocalKafka:
                 self._launch(java, libs)
                 try:
                     self._wait_until_serving()
+                    self._add_scram_user()
                     break
                 except KafkaBrokerError:
                     if attempt == 2 or "Address already in use" not in self.log_text():
@@ -335,12 +339,6 @@ class LocalKafka:
     def _format(self, java: str, libs: Path) -> None:
         # "=": a base64url id may start with "-", which a separate argument would read as a flag.
         args = ["format", f"--cluster-id={_cluster_id()}", "-c", str(self._config)]
-        if self.sasl and "SCRAM-SHA-256" in self.sasl.mechanisms:
-            user = self.sasl
-            args += [
-                "--add-scram",
-                f"SCRAM-SHA-256=[name={user.username},password={user.password}]",
-            ]
         result = subprocess.run(
             self._jvm(java, libs, "kafka.tools.StorageTool", *args),
             check=False,
@@ -362,6 +360,33 @@ class LocalKafka:
                 stderr=subprocess.STDOUT,
                 start_new_session=self.detach,
             )
+
+    def _add_scram_user(self) -> None:
+        """The SCRAM-SHA-256 credentials of the SASL user, set through the PLAINTEXT listener's
+        admin API; returns once the SASL listener accepts them."""
+        if self.sasl is None or "SCRAM-SHA-256" not in self.sasl.mechanisms:
+            return
+        user, timeout_ms = self.sasl, round(self.startup_timeout_s * 1000)
+        admin = KafkaAdminClient(bootstrap_servers=self.bootstrap_servers)
+        try:
+            errors = admin.alter_user_scram_credentials(
+                [UserScramCredentialUpsertion(user.username, "SCRAM-SHA-256", user.password)]
+            )
+        finally:
+            admin.close()
+        if errors.get(user.username):
+            raise KafkaBrokerError(f"adding the SCRAM user failed: {errors[user.username]}")
+        try:  # the broker learns the credentials from the metadata log, a moment later
+            KafkaAdminClient(
+                bootstrap_servers=self.sasl_bootstrap_servers,
+                security_protocol="SASL_PLAINTEXT",
+                sasl_mechanism="SCRAM-SHA-256",
+                sasl_plain_username=user.username,
+                sasl_plain_password=user.password,
+                bootstrap_timeout_ms=timeout_ms,
+            ).close()
+        except KafkaError as error:
+            raise KafkaBrokerError(f"the SASL listener refused the SCRAM user: {error}") from None
 
     def _wait_until_serving(self) -> None:
         """Return once an admin client lists topics; raise with the log tail otherwise."""

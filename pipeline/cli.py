@@ -13,6 +13,7 @@ from rich.table import Table
 
 from pipeline.cli_bench import bench_app
 from pipeline.cli_domain import corpus_app, eval_app, produce_app
+from pipeline.cli_errors import fail
 from pipeline.cli_kafka import kafka_app
 from pipeline.cli_model import export_command, generate_command
 from pipeline.cli_run import demo_command, report_command, run_command
@@ -60,8 +61,7 @@ class CliState:
         try:
             return load_settings(self.config_file, self.overrides())
         except SettingsError as error:
-            console.print(f"[bold red]error:[/] {error}", highlight=False)
-            raise typer.Exit(2) from None
+            raise fail(error) from None
 
 
 @app.callback()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -17,6 +18,7 @@ from rich.table import Table
 
 from deploy import local_kafka
 from deploy.local_kafka import BrokerState, KafkaBrokerError, SaslUser
+from pipeline.settings import LOCAL_KAFKA_PASSWORD_ENV
 
 kafka_app = typer.Typer(
     help="Run a local Apache Kafka broker (single-node KRaft, from Maven Central jars).",
@@ -55,8 +57,26 @@ def fetch() -> None:
     )
 
 
+def _sasl_password(ctx: typer.Context, password: str | None, file: Path | None) -> str | None:
+    """The password from the environment or a private file: a command line is visible to every
+    user of the machine (`ps`), so --sasl-password given there is refused."""
+    source = ctx.get_parameter_source("sasl_password")  # typer's own click: compare by name
+    if source is not None and source.name == "COMMANDLINE":
+        raise _fail(
+            f"--sasl-password on the command line is visible to every user: set "
+            f"{LOCAL_KAFKA_PASSWORD_ENV} or use --sasl-password-file",
+            2,
+        )
+    if file is None:
+        return password
+    if file.stat().st_mode & 0o077:
+        raise _fail(f"--sasl-password-file {file}: readable by others; chmod 600 it", 2)
+    return file.read_text().strip()
+
+
 @kafka_app.command("start")
 def start(
+    ctx: typer.Context,
     name: NameOption = "default",
     sasl_user: Annotated[
         str | None,
@@ -67,7 +87,16 @@ def start(
     sasl_password: Annotated[
         str | None,
         typer.Option(
-            help="Password of --sasl-user.", envvar="CALM_STREAM_LOCAL_KAFKA_SASL_PASSWORD"
+            help=f"Password of --sasl-user, from {LOCAL_KAFKA_PASSWORD_ENV} only "
+            "(refused on the command line, where every user can read it).",
+            envvar=LOCAL_KAFKA_PASSWORD_ENV,
+            show_envvar=True,
+        ),
+    ] = None,
+    sasl_password_file: Annotated[
+        Path | None,
+        typer.Option(
+            exists=True, dir_okay=False, help="Or read the password from this file (mode 0600)."
         ),
     ] = None,
     timeout: Annotated[float, typer.Option(help="Seconds to wait until it serves.")] = 120.0,
@@ -77,6 +106,7 @@ def start(
 
     The first start fetches the broker jars with Maven (once, into the user cache dir).
     """
+    sasl_password = _sasl_password(ctx, sasl_password, sasl_password_file)
     if (sasl_user is None) != (sasl_password is None):
         raise _fail("--sasl-user and --sasl-password go together", 2)
     try:

@@ -43,23 +43,20 @@ def run_command(
 ) -> None:
     """Run the streaming pipeline from the settings until SIGTERM/SIGINT (drain, flush, commit)."""
     from model.bundle import BundleError
-    from pipeline.job import JobOptions, run_pipeline
-    from pipeline.kafka_check import check_kafka
+    from pipeline.job import JobOptions, preflight, run_pipeline
     from pipeline.ray_runtime import init_ray
     from pipeline.sinks import SinkError
 
     settings = ctx.find_root().obj.settings()
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("pipeline").setLevel(logging.INFO)
-    stop = threading.Event()
+    stop, options = threading.Event(), JobOptions(passthrough=passthrough, until_idle_s=until_idle)
     try:
-        check_kafka(settings.kafka)  # before Ray starts: a wrong server fails in seconds
+        preflight(settings, options)  # before Ray starts and logs: one line says what is wrong
         init_ray(settings.ray)  # ray.init installs a SIGTERM handler of its own: ours goes on top
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: stop.set())
-        report = run_pipeline(
-            settings, JobOptions(passthrough=passthrough, until_idle_s=until_idle), stop
-        )
+        report = run_pipeline(settings, options, stop)
     except (SettingsError, BundleError, SinkError) as error:
         raise fail(error) from None
     print(

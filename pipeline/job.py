@@ -12,6 +12,7 @@ end and quiet for that long, and fires its open windows first (the input is over
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 from collections import Counter
@@ -36,7 +37,13 @@ from pipeline.kafka_check import check_kafka
 from pipeline.metrics import MetricsReporter
 from pipeline.processing import FlowConfig, WindowStage, decode_watermark
 from pipeline.ray_runtime import init_ray
-from pipeline.settings import Settings, kafka_client_options, kafka_consumer_options
+from pipeline.settings import (
+    MetricsSettings,
+    Settings,
+    SettingsError,
+    kafka_client_options,
+    kafka_consumer_options,
+)
 from pipeline.sinks import SinkActor, local_root
 from pipeline.source import KafkaSourceActor
 
@@ -137,16 +144,44 @@ def node_shares(nodes: list[str]) -> list[float]:
     return [1.0 / counts[node] for node in nodes]
 
 
+def preflight(settings: Settings, options: JobOptions) -> None:
+    """What would fail inside an actor, or after minutes, fails here, naming the setting."""
+    _check_sink_root(settings.sinks.root)
+    if not options.passthrough:
+        registry = Registry(settings.model.registry)
+        registry.open(registry.resolve(settings.model.bundle_version))
+    _check_metrics_port(settings.metrics)
+    check_kafka(settings.kafka)
+
+
+def _check_sink_root(root: str) -> None:
+    path = local_root(root)
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise SettingsError(f"sinks.root: {existing} is a file, not a directory")
+
+
+def _check_metrics_port(metrics: MetricsSettings) -> None:
+    """The sink serves metrics on the driver's node, this one: the port must be free here."""
+    if metrics.port == 0:
+        return
+    with socket.socket(socket.AF_INET6 if ":" in metrics.host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the HTTP server does
+        try:
+            probe.bind((metrics.host, metrics.port))
+        except OSError as error:
+            raise SettingsError(
+                f"metrics.port {metrics.port} on metrics.host {metrics.host}: {error.strerror} "
+                "(another calm-stream run?); choose a free port, or 0 to serve no metrics"
+            ) from None
+
+
 def run_pipeline(
     settings: Settings, options: JobOptions = JobOptions(), stop: threading.Event | None = None
 ) -> JobReport:
     """Run until `stop` is set (or the bounded input is done); see the module docstring."""
     client, consumer = kafka_client_options(settings.kafka), kafka_consumer_options(settings.kafka)
-    local_root(settings.sinks.root)  # a sink root that cannot work fails here, not in the actor
-    if not options.passthrough:  # a missing or broken bundle fails here, not inside an actor
-        registry = Registry(settings.model.registry)
-        registry.open(registry.resolve(settings.model.bundle_version))
-    check_kafka(settings.kafka)  # a wrong server or password fails here in seconds, saying why
+    preflight(settings, options)
     init_ray(settings.ray)
     topics = settings.kafka.topics
     ensure_topics(settings, [topics.dlq, topics.late])

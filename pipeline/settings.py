@@ -9,13 +9,16 @@ why it is wrong, and it never echoes a value back (a typo'd password must not re
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import tomllib
 from collections.abc import Iterator, Mapping
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_origin
 
+import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -35,12 +38,15 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
     YamlConfigSettingsSource,
 )
+from pydantic_settings import SettingsError as SourceError
 
 ENV_PREFIX = "CALM_STREAM_"
 ENV_NESTED_DELIMITER = "__"
 CONFIG_FILE_ENV = f"{ENV_PREFIX}CONFIG"
+# `calm-stream kafka start` reads the local broker's SASL password from here (never from argv).
+LOCAL_KAFKA_PASSWORD_ENV = f"{ENV_PREFIX}LOCAL_KAFKA_SASL_PASSWORD"
 # Variables with our prefix that are not settings: tools read them directly.
-NON_SETTING_ENV = {CONFIG_FILE_ENV}
+NON_SETTING_ENV = {CONFIG_FILE_ENV, LOCAL_KAFKA_PASSWORD_ENV}
 
 _HOST_PORT = re.compile(r"^[A-Za-z0-9._-]+:\d{1,5}$|^\[[0-9A-Fa-f:]+\]:\d{1,5}$")
 
@@ -102,9 +108,10 @@ class KafkaSettings(_Section):
     @field_validator("bootstrap_servers")
     @classmethod
     def _host_port(cls, servers: list[str]) -> list[str]:
-        for server in servers:
+        for number, server in enumerate(servers, 1):
             if not _HOST_PORT.match(server) or not 0 < int(server.rsplit(":", 1)[1]) < 65536:
-                raise ValueError(f"{server!r} is not host:port")
+                # Not echoed: a mistyped value may hold credentials (user:password@host:port).
+                raise ValueError(f"server {number} of {len(servers)} is not host:port")
         return servers
 
     @model_validator(mode="after")
@@ -154,10 +161,11 @@ class ModelSettings(_Section):
 
 class WindowSettings(_Section):
     kind: Literal["tumbling", "sliding"] = "tumbling"
-    size_seconds: float = Field(300, gt=0)
-    slide_seconds: float | None = Field(None, gt=0)
-    watermark_delay_seconds: float = Field(30, ge=0)
-    allowed_lateness_seconds: float = Field(60, ge=0)
+    # Finite, and windows at least 1 ms: event time is in milliseconds.
+    size_seconds: float = Field(300, ge=0.001, allow_inf_nan=False)
+    slide_seconds: float | None = Field(None, ge=0.001, allow_inf_nan=False)
+    watermark_delay_seconds: float = Field(30, ge=0, allow_inf_nan=False)
+    allowed_lateness_seconds: float = Field(60, ge=0, allow_inf_nan=False)
 
     @model_validator(mode="after")
     def _slide_matches_kind(self) -> WindowSettings:
@@ -254,7 +262,22 @@ def _file_source(settings_cls: type[BaseSettings], path: Path) -> PydanticBaseSe
         raise SettingsError(f"config file {path}: use .yaml, .yml, .toml or .json")
     if not path.is_file():
         raise SettingsError(f"config file {path}: no such file")
-    return readers[path.suffix.lower()]()
+    try:
+        return readers[path.suffix.lower()]()
+    except (yaml.YAMLError, ValueError, TypeError) as error:
+        raise SettingsError(f"config file {path}: {_file_problem(error)}") from None
+
+
+def _file_problem(error: Exception) -> str:
+    """Where a config file stops making sense, without quoting it (it may hold secrets)."""
+    if isinstance(error, yaml.MarkedYAMLError) and error.problem_mark is not None:
+        return f"line {error.problem_mark.line + 1}: {error.problem or error.context}"
+    if isinstance(error, json.JSONDecodeError):
+        return f"line {error.lineno}: {error.msg}"
+    if isinstance(error, tomllib.TOMLDecodeError):
+        return str(error)  # "... (at line L, column C)"
+    # pydantic-settings updates a dict with the file's top level: a list or a scalar fails there.
+    return "the file must hold a mapping of sections (kafka:, ray:, ...), not a list or a value"
 
 
 def parse_overrides(assignments: list[str]) -> dict[str, Any]:
@@ -276,7 +299,7 @@ def parse_overrides(assignments: list[str]) -> dict[str, Any]:
 
 def _unknown_env_vars() -> list[str]:
     """Names with our prefix that match no setting: almost always a typo that would be ignored."""
-    known = {f"{ENV_PREFIX}{ENV_NESTED_DELIMITER.join(path).upper()}" for path in setting_paths()}
+    known = {_env_name(path) for path in setting_paths()}
     sections = {f"{ENV_PREFIX}{name.upper()}" for name in Settings.model_fields}
     return sorted(
         name
@@ -285,13 +308,27 @@ def _unknown_env_vars() -> list[str]:
         and name.upper() not in NON_SETTING_ENV
         and name.upper() not in known
         and name.upper() not in sections
-        and not _is_dict_entry(name.upper(), known)
+        and not _is_dict_entry(name.upper())
     )
 
 
-def _is_dict_entry(name: str, known: set[str]) -> bool:
+def _is_dict_entry(name: str) -> bool:
     # CALM_STREAM_PRICING__NODE_PRICE_PER_HOUR__CPU_16 sets one key of a dict-valued setting.
-    return any(name.startswith(k + ENV_NESTED_DELIMITER) for k in known)
+    return any(name.startswith(_env_name(path) + ENV_NESTED_DELIMITER) for path in _dict_paths())
+
+
+def _env_name(path: tuple[str, ...]) -> str:
+    return f"{ENV_PREFIX}{ENV_NESTED_DELIMITER.join(path).upper()}"
+
+
+def _dict_paths() -> Iterator[tuple[str, ...]]:
+    """The dict-valued leaf settings, such as ('pricing', 'node_price_per_hour')."""
+    for path in setting_paths():
+        section: Any = Settings
+        for part in path[:-1]:
+            section = section.model_fields[part].annotation
+        if get_origin(section.model_fields[path[-1]].annotation) is dict:
+            yield path
 
 
 def setting_paths(
@@ -322,6 +359,8 @@ def load_settings(
         return Settings(**dict(overrides or {}))
     except ValidationError as error:
         raise SettingsError(_describe(error, value_sources(config_file, overrides))) from None
+    except SourceError as error:  # an environment variable that is not the JSON it must be
+        raise SettingsError(_describe_env_problem(error)) from None
     finally:
         _config_file.reset(token)
 
@@ -338,12 +377,23 @@ def _describe(error: ValidationError, sources: Mapping[tuple[str, ...], str]) ->
         loc = tuple(str(part) for part in item["loc"])
         origin = {
             "flag": f"from --set {'.'.join(loc)}",
-            "env": f"from env {ENV_PREFIX}{ENV_NESTED_DELIMITER.join(loc).upper()}",
+            "env": f"from env {_env_name(loc)}",
             "default": "default",
         }.get(sources.get(loc, ""), f"from {sources.get(loc, 'several sources')}")
         reason = item["msg"].removeprefix("Value error, ")
-        lines.append(f"  {'.'.join(loc) or 'settings'} ({origin}): {reason}")
-    return "invalid settings:\n" + "\n".join(lines)
+        lines.append(f"{'.'.join(loc) or 'settings'} ({origin}): {reason}")
+    return f"invalid setting{'s' if len(lines) > 1 else ''}: " + "; ".join(lines)
+
+
+def _describe_env_problem(error: SourceError) -> str:
+    # pydantic-settings names only the section ("kafka"); the variables under it are the suspects.
+    match = re.search(r'field "(\w+)"', str(error))
+    stem = _env_name((match.group(1),)) if match else ENV_PREFIX
+    names = sorted(name for name in os.environ if name.upper().startswith(stem))
+    return (
+        f"environment variable {' or '.join(names) or stem}: a section or a dict-valued setting "
+        f"takes a JSON object; set one field with {stem}{ENV_NESTED_DELIMITER}<FIELD>"
+    )
 
 
 def value_sources(

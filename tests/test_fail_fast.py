@@ -1,5 +1,6 @@
 """Failures a person can act on end a command with one line that names the setting and the cause:
-no traceback, no secret. The commands run as subprocesses, against a real broker or a closed port."""
+no traceback, no secret. The commands run as subprocesses, against a real broker or a closed port;
+settings that validate must also work (or fail at start, before anything runs)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from subprocess import CompletedProcess
 
 import pytest
 
@@ -21,11 +23,10 @@ KAFKA_COMMANDS = [
 ]
 
 
-def cli(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> list[str]:
-    """Run `calm-stream ARGS` with a clean CALM_STREAM_* environment; its output lines when it
-    failed (the test fails when it succeeded, or printed a traceback)."""
+def run_cli(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> CompletedProcess:
+    """`calm-stream ARGS` in a subprocess with a clean CALM_STREAM_* environment plus `env`."""
     clean = {k: v for k, v in os.environ.items() if not k.upper().startswith("CALM_STREAM_")}
-    done = subprocess.run(
+    return subprocess.run(
         [sys.executable, "-m", "pipeline.cli", "--set", f"sinks.root={tmp_path / 'sink'}", *args],
         check=False,
         env=clean | (env or {}),
@@ -34,6 +35,11 @@ def cli(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> list[s
         text=True,
         timeout=300,
     )
+
+
+def cli(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> list[str]:
+    """The output lines of `calm-stream ARGS`, which must fail without a traceback."""
+    done = run_cli(tmp_path, *args, env=env)
     output = done.stdout + done.stderr
     assert done.returncode != 0, output
     assert "Traceback" not in output, output
@@ -110,3 +116,90 @@ def test_tls_against_a_plaintext_listener(tmp_path: Path, kafka_broker: LocalKaf
     )
     assert len(lines) == 1, lines
     assert "kafka.security_protocol: TLS handshake failed" in lines[0] and server in lines[0]
+
+
+# ---------------------------------------------------------------- settings that validate, then crash
+
+BAD_SETTINGS = [
+    # (flags, environment, words the one line must hold)
+    (["--set", "windows.size_seconds=inf"], {}, ["windows.size_seconds", "finite"]),
+    (["--set", "windows.size_seconds=0.0001"], {}, ["windows.size_seconds", "0.001"]),
+    (["--set", "windows.allowed_lateness_seconds=inf"], {}, ["allowed_lateness_seconds"]),
+    (["--set", "windows.kind=sliding", "--set", "windows.slide_seconds=nan"], {}, ["slide"]),
+    ([], {"CALM_STREAM_KAFKA": "garbage"}, ["CALM_STREAM_KAFKA", "CALM_STREAM_KAFKA__<FIELD>"]),
+    ([], {"CALM_STREAM_KAFKA__GROUP_ID__TYPO": "x"}, ["CALM_STREAM_KAFKA__GROUP_ID__TYPO"]),
+    (
+        ["--set", "kafka.bootstrap_servers=user:hunter2-SECRET@host:9092"],
+        {},
+        ["kafka.bootstrap_servers", "not host:port"],
+    ),
+]
+
+
+@pytest.mark.parametrize(("flags", "env", "words"), BAD_SETTINGS)
+def test_bad_settings_are_one_line(
+    tmp_path: Path, flags: list[str], env: dict[str, str], words: list[str]
+) -> None:
+    lines = cli(tmp_path, *flags, "settings", env=env)
+    assert len(lines) == 1, lines
+    assert all(word in lines[0] for word in words), lines[0]
+    assert "hunter2" not in lines[0] and "garbage" not in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("name", "body", "words"),
+    [
+        ("bad.yaml", "kafka:\n  group_id: x\n  topics: [iot\n", ["line 4"]),
+        ("list.json", "[1, 2]", ["mapping of sections"]),
+        ("bad.json", '{"kafka":\n  {"group_id": }}', ["line 2"]),
+    ],
+)
+def test_a_malformed_config_file_is_one_line(
+    tmp_path: Path, name: str, body: str, words: list[str]
+) -> None:
+    (tmp_path / name).write_text(body)
+    lines = cli(tmp_path, "--config", str(tmp_path / name), "settings")
+    assert len(lines) == 1, lines
+    assert f"config file {tmp_path / name}" in lines[0]
+    assert all(word in lines[0] for word in words), lines[0]
+
+
+def test_the_local_brokers_password_variable_is_not_an_unknown_setting(tmp_path: Path) -> None:
+    env = {"CALM_STREAM_LOCAL_KAFKA_SASL_PASSWORD": "calm-secret"}
+    done = run_cli(tmp_path, "settings", "--json", env=env)
+    assert done.returncode == 0, done.stderr
+
+
+def test_a_metrics_port_in_use_is_named_before_anything_starts(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        lines = cli(
+            tmp_path,
+            "--set",
+            f"metrics.port={port}",
+            "--set",
+            f"kafka.bootstrap_servers={closed_port()}",
+            "run",
+            "--passthrough",
+        )
+    assert len(lines) == 1, lines
+    assert f"metrics.port {port} on metrics.host 127.0.0.1" in lines[0]
+    assert "or 0 to serve no metrics" in lines[0]
+
+
+def test_a_sink_root_that_is_a_file_is_named(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("not a directory")
+    lines = cli(
+        tmp_path,
+        "--set",
+        f"sinks.root={tmp_path / 'a-file' / 'below'}",
+        "--set",
+        "metrics.port=0",
+        "--set",
+        f"kafka.bootstrap_servers={closed_port()}",
+        "run",
+        "--passthrough",
+    )
+    assert lines == [f"error: sinks.root: {tmp_path / 'a-file'} is a file, not a directory"]

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 import time
 import uuid
 from collections import Counter, defaultdict
+from pathlib import Path
 
 import pytest
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
@@ -199,6 +201,44 @@ def test_sasl_listener_refuses_a_wrong_password(sasl_kafka_broker, mechanism):
 def test_sasl_listener_refuses_a_client_without_credentials(sasl_kafka_broker):
     logged = refused(sasl_kafka_broker, {})
     assert re.search(r"Unexpected Kafka request of type \w+ during SASL handshake", logged)
+
+
+def command_lines() -> list[str]:
+    """The argv of every process on this machine, as `ps` shows them to any user."""
+    lines = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            lines.append(cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+        except OSError:  # the process ended meanwhile
+            pass
+    return lines
+
+
+@pytest.mark.integration
+def test_the_sasl_password_is_in_no_command_line_while_the_broker_starts():
+    user = SaslUser("argv-user", f"argv-{uuid.uuid4().hex}")
+    broker = LocalKafka(sasl=user)
+    starting = threading.Thread(target=broker.start)
+    starting.start()
+    shown: list[str] = []
+    while starting.is_alive():
+        shown += [line for line in command_lines() if user.password in line]
+    try:
+        assert broker.pid and shown == []
+        # SCRAM still accepts the user, whose credentials no longer come from the format's argv.
+        options = sasl_options(user, "SCRAM-SHA-256")
+        KafkaAdminClient(bootstrap_servers=broker.sasl_bootstrap_servers, **options).close()
+    finally:
+        broker.stop()
+
+
+def test_the_cli_refuses_a_sasl_password_on_its_command_line():
+    refused = CliRunner().invoke(
+        kafka_app, ["start", "--sasl-user", "alice", "--sasl-password", "hunter2"]
+    )
+    assert refused.exit_code == 2
+    assert "CALM_STREAM_LOCAL_KAFKA_SASL_PASSWORD" in refused.output
+    assert "--sasl-password-file" in refused.output
 
 
 def test_sasl_user_rejects_values_that_would_break_the_broker_config():
