@@ -21,6 +21,7 @@ _VALIDATOR = EVENT_ADAPTER.validator
 
 
 class Reason(StrEnum):
+    NULL_VALUE = "null_value"
     TOO_LARGE = "too_large"
     EMPTY = "empty"
     NOT_UTF8 = "not_utf8"
@@ -48,7 +49,7 @@ class DecodeError:
 
 
 def decode(
-    data: bytes,
+    data: bytes | None,
     *,
     max_bytes: int = DEFAULT_MAX_BYTES,
     expected_kind: str | None = None,
@@ -59,7 +60,10 @@ def decode(
 
     `expected_kind` ('iot' or 'transaction') rejects events on the wrong topic. `now` (wall clock,
     or the stream's event-time clock) rejects timestamps more than `max_future` ahead of it.
+    A null value (a Kafka tombstone) is refused too: this stream has no deletes.
     """
+    if data is None:
+        return DecodeError(Reason.NULL_VALUE, None, "null value (a tombstone)")
     if len(data) > max_bytes:
         return DecodeError(
             Reason.TOO_LARGE, None, f"{len(data)} bytes exceeds the {max_bytes}-byte cap"

@@ -23,10 +23,25 @@ from pydantic import (
 SCHEMA_VERSION = 1
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MS = timedelta(milliseconds=1)  # built once: this is on every event's path
+# Event times outside [epoch, year 9000) are refused: Kafka timestamps start at the epoch, and
+# window starts and ends (plus lateness) must stay representable as datetimes downstream.
+_LAST = datetime(9000, 1, 1, tzinfo=UTC)
 
 Identifier = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")]
 Label = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9 &'.,_-]{0,63}$")]
-UtcTimestamp = Annotated[AwareDatetime, AfterValidator(lambda ts: ts.astimezone(UTC))]
+
+
+def _utc_in_range(ts: datetime) -> datetime:
+    try:
+        utc = ts.astimezone(UTC)
+    except OverflowError:  # e.g. 0001-01-01T00:00+01:00 has no UTC datetime
+        raise ValueError("the timestamp is out of range in UTC") from None
+    if not _EPOCH <= utc < _LAST:
+        raise ValueError("the timestamp must be from 1970-01-01 to before 9000-01-01 (UTC)")
+    return utc
+
+
+UtcTimestamp = Annotated[AwareDatetime, AfterValidator(_utc_in_range)]
 
 
 class _Event(BaseModel):

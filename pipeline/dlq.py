@@ -19,8 +19,19 @@ from operators.events import from_millis
 from pipeline.processing import DeadLetter
 from pipeline.ray_runtime import cap_in_flight, pack
 from pipeline.sinks import Rows
+from pipeline.source import SourceRecord
 
 MAX_WRITES_IN_FLIGHT = 4
+# A producer may set any int64 as a record's timestamp; the dataset's time column (and its hour
+# partition) holds what a datetime can: from the epoch to 9999-12-31T23:59:59.999.
+_LAST_MS = 253_402_300_799_999
+
+
+def topic_key(record: SourceRecord) -> bytes | None:
+    """The key a dead letter goes with: the record's, but kafka-python refuses to send a record
+    with neither key nor value (Kafka takes it): such a one goes with an empty key (the
+    `dlq/` copy keeps the null)."""
+    return b"" if record.key is None and record.value is None else record.key
 
 
 def headers(letter: DeadLetter) -> list[tuple[str, bytes]]:
@@ -42,7 +53,7 @@ def dead_letter_row(letter: DeadLetter) -> dict[str, Any]:
         "topic": record.topic,
         "partition": record.partition,
         "offset": record.offset,
-        "timestamp": from_millis(max(record.timestamp_ms, 0)),
+        "timestamp": from_millis(min(max(record.timestamp_ms, 0), _LAST_MS)),
         "message_key": record.key,
         "value": record.value,
         "reason": letter.reason,
@@ -67,7 +78,10 @@ class DeadLetterWriter:
         for letter in letters:
             record = letter.record
             self._producer.send(
-                letter.routed_to, key=record.key, value=record.value, headers=headers(letter)
+                letter.routed_to,
+                key=topic_key(record),
+                value=record.value,
+                headers=headers(letter),
             ).add_errback(self._errors.append)
         rows = Rows(dead_letters=[(self._origin, dead_letter_row(letter)) for letter in letters])
         self._writes.append(self._sink.write.remote(pack(rows)))

@@ -19,12 +19,13 @@ from __future__ import annotations
 import functools
 import itertools
 import json
+import logging
 import operator
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
@@ -35,6 +36,8 @@ from operators.prompts import render_prompt
 from operators.stats import window_stats
 from operators.windows import ClosedWindow, Rejected, Windower, WindowSpec
 from pipeline.source import SourceRecord, Work
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,7 @@ class DeadLetter:
         return self.record.partition
 
 
+_Held = TypeVar("_Held", WindowRequest, DeadLetter)
 _partition_of = operator.attrgetter("topic", "partition")
 # A record's Kafka timestamp as the decoder's clock; records produced together share it.
 _record_clock = functools.lru_cache(maxsize=1)(from_millis)
@@ -164,36 +168,50 @@ class PartitionFlow:
         letters: list[DeadLetter],
     ) -> None:
         """Decode and window a run of this partition's records (in offset order), appending the
-        windows that closed to `requests` and the dead letters to `letters`."""
-        config, windower, trail, kind = self.config, self.windower, self._trail, self.kind
-        partition = (self.topic, self.partition)
+        windows that closed to `requests` and the dead letters to `letters`. No record stops the
+        stream: one that raises anything becomes a dead letter naming the exception's class."""
+        trail, windower = self._trail, self.windower
         processed = 0
         for record in records:
             processed += 1
-            offset, timestamp_ms = record.offset, record.timestamp_ms
-            trail[offset] = (timestamp_ms, windower.watermark_ms)
-            now = _record_clock(timestamp_ms) if timestamp_ms >= 0 else None
-            event = decode(record.value, max_bytes=config.max_bytes, expected_kind=kind, now=now)
-            if isinstance(event, DecodeError):
-                letter = DeadLetter(
-                    record, event.reason.value, event.field, event.message, config.dlq_topic
-                )
-                letters.append(self._hold(letter))
-                continue
-            for output in windower.add(event, partition=partition, offset=offset):
-                if isinstance(output, ClosedWindow):
-                    requests.append(self._request(output))
-                elif output.reason == "late":
-                    letters.append(self._hold(self._late(output, record)))
-                else:
-                    self.stats["duplicates"] += 1
+            trail[record.offset] = (record.timestamp_ms, windower.watermark_ms)
+            try:
+                outputs = self._outputs(record)
+            except Exception as error:  # a bug or an input nobody foresaw: the record's alone
+                log.warning("%s:%d@%d", self.topic, self.partition, record.offset, exc_info=True)
+                outputs = [self._internal_error(record, error)]
+            # Held only once the whole record went through: a failure holds nothing back.
+            for output in outputs:
+                held = self._hold(output)
+                (requests if isinstance(held, WindowRequest) else letters).append(held)
         if processed:
             self.stats["processed"] += processed
-            self.next_offset = offset + 1
+            self.next_offset = record.offset + 1
+
+    def _outputs(self, record: SourceRecord) -> list[WindowRequest | DeadLetter]:
+        """What one record makes: a dead letter, or the windows that its event closed (and the
+        event's own dead letter when it is late)."""
+        config, timestamp_ms = self.config, record.timestamp_ms
+        now = _record_clock(timestamp_ms) if timestamp_ms >= 0 else None
+        event = decode(record.value, max_bytes=config.max_bytes, expected_kind=self.kind, now=now)
+        if isinstance(event, DecodeError):
+            return [
+                DeadLetter(record, event.reason.value, event.field, event.message, config.dlq_topic)
+            ]
+        outputs: list[WindowRequest | DeadLetter] = []
+        partition = (self.topic, self.partition)
+        for output in self.windower.add(event, partition=partition, offset=record.offset):
+            if isinstance(output, ClosedWindow):
+                outputs.append(self._request(output))
+            elif output.reason == "late":
+                outputs.append(self._late(output, record))
+            else:
+                self.stats["duplicates"] += 1
+        return outputs
 
     def end_of_input(self) -> list[WindowRequest]:
         """The input is over: fire every open window."""
-        return [self._request(window) for window in self.windower.flush()]
+        return [self._hold(self._request(window)) for window in self.windower.flush()]
 
     def acknowledge(self, key: str) -> None:
         self._pending.pop(key, None)
@@ -213,10 +231,15 @@ class PartitionFlow:
     def open_windows(self) -> int:
         return self.windower.open_windows
 
-    def _hold(self, letter: DeadLetter) -> DeadLetter:
-        self._pending[letter.key] = letter.record.offset
-        self.stats[f"dead_letters.{letter.reason}"] += 1
-        return letter
+    def _hold(self, output: _Held) -> _Held:
+        """Hold the commit point back at `output`'s first offset until the sink has it."""
+        if isinstance(output, WindowRequest):
+            self._pending[output.key] = output.first_offset
+            self.stats["windows"] += 1
+        else:
+            self._pending[output.key] = output.record.offset
+            self.stats[f"dead_letters.{output.reason}"] += 1
+        return output
 
     def _late(self, rejected: Rejected, record: SourceRecord) -> DeadLetter:
         missed = ", ".join(str(start) for start in rejected.windows)
@@ -226,11 +249,16 @@ class PartitionFlow:
         )
         return DeadLetter(record, "late", "ts", message, self.config.late_topic)
 
+    def _internal_error(self, record: SourceRecord, error: Exception) -> DeadLetter:
+        # The class names the failure; its text stays in the log (it may quote the payload).
+        name = type(error).__name__
+        message = f"{name} while decoding or windowing the record (see the source's log)"
+        return DeadLetter(record, f"internal_error:{name}", None, message, self.config.dlq_topic)
+
     def _request(self, window: ClosedWindow) -> WindowRequest:
+        """The window rendered; held (`_pending`) by the caller."""
         first, last = window.offsets[(self.topic, self.partition)]
         key = row_key(self.topic, self.partition, window.start_ms, window.key)
-        self._pending[key] = first
-        self.stats["windows"] += 1
         events = window.events
         stats = window_stats(window.key, window.start_ms, window.end_ms, events)
         return WindowRequest(

@@ -62,7 +62,7 @@ class SourceRecord(NamedTuple):
     partition: int
     offset: int
     key: bytes | None
-    value: bytes
+    value: bytes | None  # None: a tombstone
     timestamp_ms: int
 
 
