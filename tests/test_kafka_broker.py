@@ -233,9 +233,9 @@ def test_the_sasl_password_is_in_no_command_line_while_the_broker_starts():
 
 
 def test_the_cli_refuses_a_sasl_password_on_its_command_line():
-    refused = CliRunner().invoke(
-        kafka_app, ["start", "--sasl-user", "alice", "--sasl-password", "hunter2"]
-    )
+    name = f"pytest-{uuid.uuid4().hex[:8]}"  # with --timeout 0 a broker started by mistake stops
+    args = ["start", "--name", name, "--timeout", "0", "--sasl-user", "alice"]
+    refused = CliRunner().invoke(kafka_app, [*args, "--sasl-password", "hunter2"])
     assert refused.exit_code == 2
     assert "CALM_STREAM_LOCAL_KAFKA_SASL_PASSWORD" in refused.output
     assert "--sasl-password-file" in refused.output
