@@ -36,9 +36,10 @@ from pipeline.inference import InferenceActor
 from pipeline.kafka_check import check_kafka
 from pipeline.metrics import MetricsReporter
 from pipeline.processing import FlowConfig, WindowStage, decode_watermark
-from pipeline.ray_runtime import init_ray
+from pipeline.ray_runtime import init_ray, local_ray_cpus
 from pipeline.settings import (
     MetricsSettings,
+    RaySettings,
     Settings,
     SettingsError,
     kafka_client_options,
@@ -151,6 +152,7 @@ def preflight(settings: Settings, options: JobOptions) -> None:
         registry = Registry(settings.model.registry)
         registry.open(registry.resolve(settings.model.bundle_version))
     _check_metrics_port(settings.metrics)
+    _check_local_ray_fits(settings.ray)
     check_kafka(settings.kafka)
 
 
@@ -159,6 +161,21 @@ def _check_sink_root(root: str) -> None:
     existing = next(p for p in (path, *path.parents) if p.exists())
     if not existing.is_dir():
         raise SettingsError(f"sinks.root: {existing} is a file, not a directory")
+
+
+def _check_local_ray_fits(settings: RaySettings) -> None:
+    """A local Ray has a fixed number of CPUs and no autoscaler: actors that ask for more than it
+    has would wait for ever. (A Ray that runs already, or a cluster, is not checked.)"""
+    cpus = None if ray.is_initialized() else local_ray_cpus(settings)
+    sources, inference = settings.source_actors, settings.inference_actors
+    need = sources * settings.source_actor_cpus + inference * settings.inference_actor_cpus
+    if cpus is not None and need > cpus + 1e-9:
+        raise SettingsError(
+            "ray.source_actors × ray.source_actor_cpus + ray.inference_actors × "
+            f"ray.inference_actor_cpus = {sources} × {settings.source_actor_cpus:g} + "
+            f"{inference} × {settings.inference_actor_cpus:g} = {need:g} CPUs, more than the "
+            f"{cpus} of the local Ray (ray.num_cpus): the actors would wait for ever"
+        )
 
 
 def _check_metrics_port(metrics: MetricsSettings) -> None:

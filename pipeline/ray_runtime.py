@@ -20,16 +20,23 @@ def init_ray(settings: RaySettings) -> None:
     """
     if ray.is_initialized():
         return
-    address = settings.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True)
+    cpus = local_ray_cpus(settings)
+    if cpus is None:
+        ray.init(address=settings.address or os.environ["RAY_ADDRESS"], log_to_driver=True)
         return
     ray.init(
-        num_cpus=settings.num_cpus or os.cpu_count(),
+        num_cpus=cpus,
         object_store_memory=settings.object_store_memory_mb * 1024 * 1024,
         include_dashboard=False,
         log_to_driver=True,
     )
+
+
+def local_ray_cpus(settings: RaySettings) -> int | None:
+    """The CPUs of the local Ray that `init_ray` starts; None when it joins a cluster instead."""
+    if settings.address or os.environ.get("RAY_ADDRESS"):
+        return None
+    return settings.num_cpus or os.cpu_count() or 1
 
 
 def cap_in_flight(refs: list[ray.ObjectRef], limit: int) -> list[ray.ObjectRef]:

@@ -203,3 +203,22 @@ def test_a_sink_root_that_is_a_file_is_named(tmp_path: Path) -> None:
         "--passthrough",
     )
     assert lines == [f"error: sinks.root: {tmp_path / 'a-file'} is a file, not a directory"]
+
+
+def test_actors_that_ask_for_more_cpus_than_the_local_ray_has_are_refused(tmp_path: Path) -> None:
+    lines = cli(
+        tmp_path,
+        "--set",
+        "ray.num_cpus=2",
+        "--set",
+        "ray.inference_actor_cpus=4",
+        "--set",
+        "metrics.port=0",
+        "--set",
+        f"kafka.bootstrap_servers={closed_port()}",
+        "run",
+        "--passthrough",
+    )
+    assert len(lines) == 1, lines
+    assert "ray.inference_actor_cpus = 1 × 0.5 + 1 × 4 = 4.5 CPUs" in lines[0]
+    assert "more than the 2 of the local Ray (ray.num_cpus)" in lines[0]
