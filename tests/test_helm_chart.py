@@ -553,8 +553,29 @@ def test_values_file_with_a_typo_is_rejected(tmp_path: Path) -> None:
             "training.cpusPerWorker 2.5 exceeds the 2 CPUs of a worker pod",
         ),
         ({"training.enabled": True}, "training.corpus is required"),
+        ({"settings.windows.kind": "sliding"}, "kind sliding needs settings.windows.slide_seconds"),
+        (
+            {"settings.windows.kind": "sliding", "settings.windows.slide_seconds": 600},
+            "slide_seconds must not exceed settings.windows.size_seconds",
+        ),
+        ({"settings.windows.slide_seconds": 60}, "slide_seconds applies only to settings.windows"),
+        (
+            {"settings.pricing.node_type": "cpu-9000"},
+            'node_type "cpu-9000" has no price in settings.pricing.node_price_per_hour (cpu-2, ',
+        ),
     ],
-    ids=["sasl-incomplete", "sink-on-s3", "tls-without-ssl", "replicas", "train-cpus", "no-corpus"],
+    ids=[
+        "sasl-incomplete",
+        "sink-on-s3",
+        "tls-without-ssl",
+        "replicas",
+        "train-cpus",
+        "no-corpus",
+        "sliding-without-slide",
+        "slide-over-size",
+        "slide-when-tumbling",
+        "unpriced-node",
+    ],
 )
 def test_template_refuses_inconsistent_values(set_json: dict[str, Any], complaint: str) -> None:
     with pytest.raises(RuntimeError, match=re.escape(complaint)):
@@ -674,6 +695,21 @@ def test_rendered_environment_is_what_the_settings_accept(values: Path | None) -
             assert settings.ray.address == f"{POD_IP}:6379"
         checked += 1
     assert checked >= 3
+
+
+def test_consistent_windows_and_pricing_render_and_load() -> None:
+    """What the template's cross-field checks let through, the settings model accepts."""
+    docs = render(
+        set_json={
+            "settings.windows.kind": "sliding",
+            "settings.windows.slide_seconds": 60,
+            "settings.pricing.node_type": "cpu-9",
+            "settings.pricing.node_price_per_hour": {"cpu-9": 1.0},
+        }
+    )
+    settings = _load(next(d for d in docs if d["kind"] == "ConfigMap")["data"])
+    assert (settings.windows.kind, settings.windows.slide_seconds) == ("sliding", 60)
+    assert settings.pricing.node_price_per_hour[settings.pricing.node_type] == 1.0
 
 
 def test_a_wrong_rendered_value_is_caught() -> None:

@@ -162,6 +162,20 @@ the chart derives (storage paths, TLS file paths). Nested sections recurse; a di
 {{- if ne (empty $tls.certFile) (empty $tls.keyFile) -}}
 {{- fail "kafkaCredentials.tls.certFile and keyFile go together (mutual TLS)" -}}
 {{- end -}}
+{{- $windows := .Values.settings.windows -}}
+{{- if eq (toString $windows.kind) "sliding" -}}
+{{- if kindIs "invalid" $windows.slide_seconds -}}
+{{- fail "settings.windows.kind sliding needs settings.windows.slide_seconds" -}}
+{{- else if and (not (kindIs "invalid" $windows.size_seconds)) (gt (float64 $windows.slide_seconds) (float64 $windows.size_seconds)) -}}
+{{- fail "settings.windows.slide_seconds must not exceed settings.windows.size_seconds" -}}
+{{- end -}}
+{{- else if not (kindIs "invalid" $windows.slide_seconds) -}}
+{{- fail "settings.windows.slide_seconds applies only to settings.windows.kind sliding" -}}
+{{- end -}}
+{{- $pricing := .Values.settings.pricing -}}
+{{- if and $pricing.node_type $pricing.node_price_per_hour (not (hasKey $pricing.node_price_per_hour $pricing.node_type)) -}}
+{{- fail (printf "settings.pricing.node_type %q has no price in settings.pricing.node_price_per_hour (%s)" $pricing.node_type (keys $pricing.node_price_per_hour | sortAlpha | join ", ")) -}}
+{{- end -}}
 {{- range $name, $group := .Values.ray.workerGroups -}}
 {{- if and $group.enabled (or (gt (int $group.minReplicas) (int $group.maxReplicas)) (lt (int $group.replicas) (int $group.minReplicas)) (gt (int $group.replicas) (int $group.maxReplicas))) -}}
 {{- fail (printf "ray.workerGroups.%s: need minReplicas <= replicas <= maxReplicas" $name) -}}
