@@ -3,9 +3,10 @@
 Each dataset is Hive-partitioned by the UTC date and hour of one time column
 (`results/date=2025-01-06/hour=10/part-....parquet`). Rows are buffered and written as one file
 per partition when the buffer reaches `rotate_rows` or its oldest row is `rotate_seconds` old.
-A file is committed atomically: written under a dot-prefixed temporary name (which readers such
-as `pyarrow.dataset` skip), fsynced, renamed into place, and the directory fsynced; a crash
-leaves either the whole file or a temporary one that the next start deletes.
+A file is committed atomically: written under a temporary name that no reader takes for data
+(`.part-....parquet.tmp`: `pyarrow.dataset` skips dot-files, a DuckDB or polars `**/*.parquet`
+glob does not match it), fsynced, renamed into place, and the directory fsynced; a crash leaves
+either the whole file or a temporary one that the next start deletes.
 
 A keyed dataset never writes a key twice: at start it reads the key column of every committed
 file, and it drops rows whose key is already durable or already buffered. The `SinkActor` tells
@@ -136,7 +137,11 @@ DEAD_LETTER_SCHEMA = pa.schema(
     ]
 )
 
-TEMP_PREFIX = ".tmp-"
+# A file being written is `.part-....parquet.tmp`: hidden, and not `*.parquet`, so neither
+# pyarrow (dot-files) nor a DuckDB/polars `**/*.parquet` glob reads it. `.tmp-*` is the name
+# older versions used: a crash of one of those may have left one behind.
+TEMP_SUFFIX = ".tmp"
+TEMP_GLOBS = (f".part-*{TEMP_SUFFIX}", ".tmp-*")
 # A key's source partition and its position there (window start, offset): see `forget`.
 KeyPosition = Callable[[str], tuple[tuple[str, int], int]]
 
@@ -167,7 +172,7 @@ def commit_table(table: pa.Table, directory: Path) -> Path:
     """Write `table` as one Parquet file in `directory`, atomically: temp name, fsync, rename."""
     directory.mkdir(parents=True, exist_ok=True)
     name = f"part-{time.time_ns()}-{uuid.uuid4().hex[:8]}.parquet"
-    temp, final = directory / f"{TEMP_PREFIX}{name}", directory / name
+    temp, final = directory / f".{name}{TEMP_SUFFIX}", directory / name
     with temp.open("wb") as file:
         pq.write_table(table, file, compression="zstd")
         file.flush()
@@ -303,9 +308,10 @@ class ParquetDataset:
                 heapq.heappush(self._positions[partition], (position, key))
 
     def _remove_temporaries(self) -> None:
-        for temp in self.path.glob(f"**/{TEMP_PREFIX}*"):
-            log.info("removing %s: a write that never committed", temp)
-            temp.unlink(missing_ok=True)
+        for pattern in TEMP_GLOBS:
+            for temp in self.path.glob(f"**/{pattern}"):
+                log.info("removing %s: a write that never committed", temp)
+                temp.unlink(missing_ok=True)
 
     def _committed_keys(self, since: datetime | None) -> list[str]:
         """The keys on disk; with `since`, of the rows whose time column is not older (the

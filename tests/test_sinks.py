@@ -4,10 +4,14 @@ Everything is read back with pyarrow.dataset, not with the sink's code."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import duckdb
+import polars
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pytest
@@ -28,6 +32,7 @@ from pipeline.sinks import (
     local_root,
 )
 
+REPO = Path(__file__).resolve().parents[1]
 SCHEMA = pa.schema(
     [("key", pa.string()), ("time", pa.timestamp("ms", tz="UTC")), ("value", pa.int64())]
 )
@@ -66,7 +71,7 @@ def test_files_land_in_hour_partitions_and_read_back(tmp_path):
     table = read(tmp_path / "d")
     by_key = {r["key"]: (r["date"], r["hour"]) for r in table.to_pylist()}
     assert by_key == {"a": ("2025-01-06", 10), "b": ("2025-01-06", 10), "c": ("2025-01-06", 11)}
-    assert not list((tmp_path / "d").glob("**/.tmp-*"))  # nothing half-written is left
+    assert not list((tmp_path / "d").glob("**/.*"))  # nothing half-written is left
 
 
 def test_a_key_is_never_written_twice_even_after_a_restart(tmp_path):
@@ -139,13 +144,43 @@ def test_rotation_by_rows_and_by_seconds(tmp_path):
     assert dataset.due()  # the oldest row waited 5 s
 
 
-def test_a_crash_leftover_is_removed_and_never_read(tmp_path):
+def glob_counts(path: Path) -> tuple[int, int]:
+    """Rows under `path` as DuckDB and polars count them with a plain `**/*.parquet` glob."""
+    pattern = str(path / "**" / "*.parquet")
+    [(in_duckdb,)] = duckdb.sql(f"SELECT count(*) FROM read_parquet('{pattern}')").fetchall()
+    return in_duckdb, polars.scan_parquet(pattern).select(polars.len()).collect().item()
+
+
+# Commits a small file, then big ones until it is killed: most of its time is in a temporary file.
+WRITER = """
+import sys
+from pathlib import Path
+import pyarrow as pa
+from pipeline.sinks import commit_table
+commit_table(pa.table({"key": ["a", "b"]}), Path(sys.argv[1]))
+table = pa.table({"key": [str(i) for i in range(2_000_000)]})
+while True:
+    commit_table(table, Path(sys.argv[1]))
+"""
+
+
+def test_a_write_killed_midway_is_never_read_by_glob_readers_and_removed_at_start(tmp_path):
     partition = tmp_path / "d" / "date=2025-01-06" / "hour=10"
-    partition.mkdir(parents=True)
-    (partition / ".tmp-part-1.parquet").write_bytes(b"PAR1 half a file")
-    assert read(tmp_path / "d").num_rows == 0  # readers skip dot-files ...
-    ParquetDataset(tmp_path / "d", SCHEMA, "time", "key")
-    assert not (partition / ".tmp-part-1.parquet").exists()  # ... and the next start deletes them
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(partition)], cwd=REPO)
+    try:
+        while not [p for p in partition.glob(".*") if p.stat().st_size]:  # a write under way
+            assert writer.poll() is None
+            time.sleep(0.05)
+    finally:
+        writer.kill()  # SIGKILL: no cleanup of any kind
+        writer.wait()
+    committed = read(tmp_path / "d").num_rows  # pyarrow skips dot-files ...
+    assert committed % 2_000_000 == 2
+    assert glob_counts(tmp_path / "d") == (committed, committed)  # ... DuckDB and polars too
+    (partition / ".tmp-part-1.parquet").write_bytes(b"PAR1 half a file")  # an older version's
+    ParquetDataset(tmp_path / "d", SCHEMA, "time")
+    assert not list(partition.glob(".*"))  # the next start deletes them
+    assert read(tmp_path / "d").num_rows == committed
 
 
 def test_rows_stay_buffered_when_a_write_fails(tmp_path):
