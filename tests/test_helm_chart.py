@@ -371,7 +371,7 @@ def test_gated_extras_on() -> None:
     docs = rendered(SASL_SSL)
     kinds = [doc["kind"] for doc in docs]
     assert {"ServiceMonitor", "NetworkPolicy", "PodDisruptionBudget"} <= set(kinds)
-    assert kinds.count("PodDisruptionBudget") == 3  # head + ingest + inference
+    assert kinds.count("PodDisruptionBudget") == 2  # ingest, inference: a head PDB is opt-in
     monitor = next(d for d in docs if d["kind"] == "ServiceMonitor")
     assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
     service = next(
@@ -486,6 +486,14 @@ def test_readme_documents_every_value() -> None:
         ({}, {"containerSecurityContext.readOnlyRootFilesystem": False}, "readOnlyRootFilesystem"),
         ({"pipeline.extraEnv[0].name": "CALM_STREAM_KAFKA__SASL_PASSWORD"}, {}, "extraEnv"),
         ({"traning.enabled": "true"}, {}, "additional properties 'traning'"),
+        ({"ray.head.resources.requests.cpu": "-1"}, {}, "/ray/head/resources/requests/cpu"),
+        (
+            {},
+            {"ray.workerGroups.inference.resources.limits.nvidia\\.com/gpu": 0.5},
+            "nvidia.com~1gpu",
+        ),
+        ({"storage.pvc.size": "0Gi"}, {}, "/storage/pvc/size"),
+        ({"pipeline.extraEnv[0].name": "calm_stream_kafka__group_id"}, {}, "/extraEnv/0/name"),
     ],
     ids=[
         "typo",
@@ -498,6 +506,10 @@ def test_readme_documents_every_value() -> None:
         "writable-root",
         "settings-through-extra-env",
         "top-level-typo",
+        "negative-quantity",
+        "half-a-gpu",
+        "empty-volume",
+        "lower-case-settings-env",
     ],
 )
 def test_schema_rejects_bad_values(
@@ -553,6 +565,7 @@ def test_values_file_with_a_typo_is_rejected(tmp_path: Path) -> None:
             "training.cpusPerWorker 2.5 exceeds the 2 CPUs of a worker pod",
         ),
         ({"training.enabled": True}, "training.corpus is required"),
+        ({"storage.mountPath": "/tmp"}, "storage.mountPath /tmp is where the chart mounts"),
         ({"settings.windows.kind": "sliding"}, "kind sliding needs settings.windows.slide_seconds"),
         (
             {"settings.windows.kind": "sliding", "settings.windows.slide_seconds": 600},
@@ -571,6 +584,7 @@ def test_values_file_with_a_typo_is_rejected(tmp_path: Path) -> None:
         "replicas",
         "train-cpus",
         "no-corpus",
+        "mount-on-tmp",
         "sliding-without-slide",
         "slide-over-size",
         "slide-when-tumbling",
@@ -695,6 +709,49 @@ def test_rendered_environment_is_what_the_settings_accept(values: Path | None) -
             assert settings.ray.address == f"{POD_IP}:6379"
         checked += 1
     assert checked >= 3
+
+
+def test_large_integers_render_as_integers() -> None:
+    """Helm reads numbers as floats and prints 2592000 as 2.592e+06, which the API server refuses
+    for an integer field; the templates print integers."""
+    month = 2_592_000
+    text = render_text(
+        set_json={
+            "ray.autoscaling.idleTimeoutSeconds": month,
+            "pipeline.drainSeconds": month,
+            "training.enabled": True,
+            "training.corpus": "/data/corpus",
+            "training.ttlSecondsAfterFinished": month,
+            "training.activeDeadlineSeconds": month,
+        }
+    )
+    assert "e+0" not in text
+    docs = {doc["kind"]: doc for doc in yaml.safe_load_all(text) if doc}
+    assert docs["RayCluster"]["spec"]["autoscalerOptions"]["idleTimeoutSeconds"] == month
+    assert docs["RayJob"]["spec"]["ttlSecondsAfterFinished"] == month
+    assert docs["RayJob"]["spec"]["activeDeadlineSeconds"] == month
+    assert f"sleep {month}" in text
+
+
+def test_pdb_names_are_unique_and_the_head_is_drainable_by_default() -> None:
+    group = chart_values()["ray"]["workerGroups"]["ingest"]
+    docs = render(set_json={"podDisruptionBudget.enabled": True, "ray.workerGroups.head": group})
+    names = [d["metadata"]["name"] for d in docs if d["kind"] == "PodDisruptionBudget"]
+    assert sorted(names) == [f"rel-calm-stream-worker-{g}" for g in ("head", "inference", "ingest")]
+    docs = render(
+        set_json={"podDisruptionBudget.enabled": True, "podDisruptionBudget.headMinAvailable": 1}
+    )
+    head = [d for d in docs if d["metadata"]["name"] == "rel-calm-stream-head"]
+    assert [d["kind"] for d in head] == ["PodDisruptionBudget"]
+    assert head[0]["spec"]["minAvailable"] == 1
+
+
+def test_a_worker_group_without_ray_start_params_gets_an_empty_map() -> None:
+    docs = render(set_json={"ray.workerGroups.inference.rayStartParams": None})
+    cluster = next(d for d in docs if d["kind"] == "RayCluster")
+    groups = {g["groupName"]: g for g in cluster["spec"]["workerGroupSpecs"]}
+    assert groups["inference"]["rayStartParams"] == {}
+    validate_object(cluster)
 
 
 def test_consistent_windows_and_pricing_render_and_load() -> None:

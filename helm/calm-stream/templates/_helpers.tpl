@@ -162,6 +162,10 @@ the chart derives (storage paths, TLS file paths). Nested sections recurse; a di
 {{- if ne (empty $tls.certFile) (empty $tls.keyFile) -}}
 {{- fail "kafkaCredentials.tls.certFile and keyFile go together (mutual TLS)" -}}
 {{- end -}}
+{{- $mount := trimSuffix "/" .Values.storage.mountPath -}}
+{{- if has $mount (list "/tmp" "/tmp/ray" (include "calm-stream.kafkaTlsDir" .) "/etc/calm-stream/train") -}}
+{{- fail (printf "storage.mountPath %s is where the chart mounts a volume of its own (/tmp, /tmp/ray, /etc/calm-stream/*): choose another path" $mount) -}}
+{{- end -}}
 {{- $windows := .Values.settings.windows -}}
 {{- if eq (toString $windows.kind) "sliding" -}}
 {{- if kindIs "invalid" $windows.slide_seconds -}}
@@ -335,7 +339,7 @@ The pipeline's Prometheus endpoint is served by its sink actor, on whichever Ray
 {{- define "calm-stream.calmMetricsPort" -}}
 {{- if and .Values.pipeline.enabled .Values.settings.metrics.port -}}
 - name: calm-metrics
-  containerPort: {{ .Values.settings.metrics.port }}
+  containerPort: {{ int .Values.settings.metrics.port }}
 {{- end -}}
 {{- end -}}
 
