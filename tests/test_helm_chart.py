@@ -566,6 +566,14 @@ def test_values_file_with_a_typo_is_rejected(tmp_path: Path) -> None:
         ),
         ({"training.enabled": True}, "training.corpus is required"),
         ({"storage.mountPath": "/tmp"}, "storage.mountPath /tmp is where the chart mounts"),
+        (
+            {"ray.workerGroups.ingest.resources.requests.cpu": "1500m"},
+            "ray.workerGroups.ingest.resources: requests.cpu 1500m exceeds limits.cpu 1",
+        ),
+        (
+            {"training.worker.resources.requests.memory": "9Gi"},
+            "training.worker.resources: requests.memory 9Gi exceeds limits.memory 8Gi",
+        ),
         ({"settings.windows.kind": "sliding"}, "kind sliding needs settings.windows.slide_seconds"),
         (
             {"settings.windows.kind": "sliding", "settings.windows.slide_seconds": 600},
@@ -585,6 +593,8 @@ def test_values_file_with_a_typo_is_rejected(tmp_path: Path) -> None:
         "train-cpus",
         "no-corpus",
         "mount-on-tmp",
+        "request-over-limit",
+        "training-request-over-limit",
         "sliding-without-slide",
         "slide-over-size",
         "slide-when-tumbling",
@@ -709,6 +719,13 @@ def test_rendered_environment_is_what_the_settings_accept(values: Path | None) -
             assert settings.ray.address == f"{POD_IP}:6379"
         checked += 1
     assert checked >= 3
+
+
+def test_requests_equal_to_limits_in_other_units_render() -> None:
+    docs = render(set_json={"ray.head.resources.requests": {"cpu": "2000m", "memory": "4096Mi"}})
+    cluster = next(d for d in docs if d["kind"] == "RayCluster")
+    head = cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert head["resources"]["requests"] == {"cpu": "2000m", "memory": "4096Mi"}
 
 
 def test_large_integers_render_as_integers() -> None:

@@ -144,6 +144,24 @@ the chart derives (storage paths, TLS file paths). Nested sections recurse; a di
 {{- end -}}
 {{- end -}}
 
+{{/* A quantity (a number or "500m", "2Gi", "1e3") in base units, as a float. */}}
+{{- define "calm-stream.quantity" -}}
+{{- $text := toString . -}}
+{{- $suffix := regexFind "([KMGTPE]i|[numkMGTPE])$" $text -}}
+{{- $scale := get (dict "" 1.0 "n" 1e-9 "u" 1e-6 "m" 1e-3 "k" 1e3 "M" 1e6 "G" 1e9 "T" 1e12 "P" 1e15 "E" 1e18 "Ki" 1024.0 "Mi" 1048576.0 "Gi" 1073741824.0 "Ti" 1099511627776.0 "Pi" 1125899906842624.0 "Ei" 1152921504606846976.0) $suffix -}}
+{{- mulf (float64 (trimSuffix $suffix $text)) $scale -}}
+{{- end -}}
+
+{{/* The API server refuses a container whose request exceeds its limit: fail at render. */}}
+{{- define "calm-stream.requestsWithinLimits" -}}
+{{- range $name, $request := .resources.requests -}}
+{{- $limit := index $.resources.limits $name -}}
+{{- if and (not (kindIs "invalid" $limit)) (gt (float64 (include "calm-stream.quantity" $request)) (float64 (include "calm-stream.quantity" $limit))) -}}
+{{- fail (printf "%s: requests.%s %v exceeds limits.%s %v" $.where $name $request $name $limit) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
 {{/* The checks that values.schema.json cannot express. */}}
 {{- define "calm-stream.validate" -}}
 {{- $kafka := .Values.settings.kafka -}}
@@ -161,6 +179,16 @@ the chart derives (storage paths, TLS file paths). Nested sections recurse; a di
 {{- end -}}
 {{- if ne (empty $tls.certFile) (empty $tls.keyFile) -}}
 {{- fail "kafkaCredentials.tls.certFile and keyFile go together (mutual TLS)" -}}
+{{- end -}}
+{{- $blocks := dict "ray.head.resources" .Values.ray.head.resources "ray.autoscaling.resources" .Values.ray.autoscaling.resources "pipeline.resources" .Values.pipeline.resources -}}
+{{- range $part := list "head" "worker" "submitter" -}}
+{{- $_ := set $blocks (printf "training.%s.resources" $part) (index $.Values.training $part).resources -}}
+{{- end -}}
+{{- range $name, $group := .Values.ray.workerGroups -}}
+{{- $_ := set $blocks (printf "ray.workerGroups.%s.resources" $name) $group.resources -}}
+{{- end -}}
+{{- range $where, $resources := $blocks -}}
+{{- include "calm-stream.requestsWithinLimits" (dict "where" $where "resources" $resources) -}}
 {{- end -}}
 {{- $mount := trimSuffix "/" .Values.storage.mountPath -}}
 {{- if has $mount (list "/tmp" "/tmp/ray" (include "calm-stream.kafkaTlsDir" .) "/etc/calm-stream/train") -}}
