@@ -25,6 +25,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
@@ -62,16 +63,22 @@ def _split_commas(value: Any) -> Any:
     return value
 
 
+_TOPIC_PATTERN = r"^[A-Za-z0-9._-]{1,249}$"
+# The pattern in the JSON Schema too (the chart's values.schema.json is made from it); the
+# validator below gives the friendlier message.
+_Topic = Annotated[str, WithJsonSchema({"type": "string", "pattern": _TOPIC_PATTERN})]
+
+
 class KafkaTopics(_Section):
-    iot: str = "iot.readings"
-    transactions: str = "transactions"
-    dlq: str = "calm-stream.dlq"
-    late: str = "calm-stream.late"
+    iot: _Topic = "iot.readings"
+    transactions: _Topic = "transactions"
+    dlq: _Topic = "calm-stream.dlq"
+    late: _Topic = "calm-stream.late"
 
     @field_validator("*")
     @classmethod
     def _legal_topic(cls, name: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9._-]{1,249}", name):
+        if not re.fullmatch(_TOPIC_PATTERN, name):
             raise ValueError(
                 "a Kafka topic name is 1-249 characters of letters, digits, '.', '_' or '-'"
             )
