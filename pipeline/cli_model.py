@@ -23,7 +23,9 @@ Threads = Annotated[
 RegistryOpt = Annotated[
     str | None,
     typer.Option(
-        "--registry", help="Registry directory or URI (default: settings model.registry)."
+        "--registry",
+        help="Registry directory or URI (default: settings model.registry; left at its "
+        "default, the registry shipped with calm-stream until a bundle is published there).",
     ),
 ]
 VersionOpt = Annotated[
@@ -189,7 +191,9 @@ def generate_command(
     settings = ctx.find_root().obj.settings().model
     try:
         prompts = _prompts(prompt, file)
-        bundle = Registry(registry or settings.registry).open(version or settings.bundle_version)
+        bundle = Registry(registry or settings.registry_or_shipped()).open(
+            version or settings.bundle_version
+        )
         engine = Engine(bundle, model, threads=threads or settings.intra_op_threads, int8=int8)
         sampling = Sampling(
             temperature=settings.temperature if temperature is None else temperature,
@@ -271,7 +275,9 @@ def bench_generate_command(
 
     settings = ctx.find_root().obj.settings().model
     try:
-        bundle = Registry(registry or settings.registry).open(version or settings.bundle_version)
+        bundle = Registry(registry or settings.registry_or_shipped()).open(
+            version or settings.bundle_version
+        )
         report = run_benchmark(
             bundle.path,
             checkpoint=checkpoint,

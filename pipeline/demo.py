@@ -19,6 +19,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from deploy import SHIPPED_REGISTRY
 from model.bundle import LATEST
 from pipeline.embedded import kafka_or_local
 from pipeline.job import JobOptions, JobReport, ensure_topics, run_pipeline
@@ -28,7 +29,6 @@ from pipeline.settings import Settings, kafka_client_options
 from pipeline.simulator import Mess, simulate
 from pipeline.sinks import RESULT_SCHEMA, read_dataset
 
-SHIPPED_REGISTRY = Path(__file__).resolve().parents[1] / "deploy" / "registry"
 DEMO_MESS = Mess(late=0.01, reordered=0.05, duplicate=0.01, malformed=0.01)
 
 

@@ -41,6 +41,9 @@ from pydantic_settings import (
 )
 from pydantic_settings import SettingsError as SourceError
 
+from deploy import SHIPPED_REGISTRY
+from model.bundle import LATEST
+
 ENV_PREFIX = "CALM_STREAM_"
 ENV_NESTED_DELIMITER = "__"
 CONFIG_FILE_ENV = f"{ENV_PREFIX}CONFIG"
@@ -164,6 +167,14 @@ class ModelSettings(_Section):
     batch_token_budget: int = Field(4096, ge=64)
     batch_latency_ms: int = Field(200, ge=1)
     intra_op_threads: int = Field(1, ge=1, le=256)
+
+    def registry_or_shipped(self) -> str:
+        """The configured registry; left at its default, the registry shipped with calm-stream
+        (deploy/registry) until a bundle is published there."""
+        default = type(self).model_fields["registry"].default
+        if self.registry == default and not (Path(default) / LATEST).is_file():
+            return str(SHIPPED_REGISTRY)
+        return self.registry
 
 
 class WindowSettings(_Section):

@@ -1,6 +1,10 @@
 """The demo bundle shipped in deploy/registry: its hashes verify, its manifest is complete, and it
 writes summaries of simulated event windows in onnxruntime."""
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -71,3 +75,32 @@ def test_demo_bundle_summarizes_event_windows(bundle):
         accuracy,
         [r.text for r in results],
     )
+
+
+def test_generate_finds_the_shipped_registry_when_none_is_configured(tmp_path):
+    """`calm-stream generate` from a folder with no registry of its own (settings left at their
+    default) uses the bundle shipped with the package; a registry set by the user is not replaced."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CALM_STREAM_")}
+    cli = [sys.executable, "-m", "pipeline.cli"]
+    prompt = simulated_prompts(1)[0]["prompt"]
+    shipped = subprocess.run(
+        [*cli, "generate", "--json", "--max-new-tokens", "8", prompt],
+        check=False,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert shipped.returncode == 0, shipped.stderr
+    assert json.loads(shipped.stdout.splitlines()[0])["bundle"] == Registry(SHIPPED).latest()
+    configured = subprocess.run(
+        [*cli, "--set", f"model.registry={tmp_path / 'mine'}", "generate", prompt],
+        check=False,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert configured.returncode != 0 and "mine" in configured.stderr
