@@ -1,9 +1,9 @@
 """Dead letters: to their Kafka topic with the original bytes, and mirrored to the `dlq/` dataset.
 
-A dead letter keeps the record's key and value byte for byte; why it was rejected and where it
-came from travel as headers (`calm.error.reason`, `calm.error.field`, `calm.error.message`,
-`calm.source.topic`, `calm.source.partition`, `calm.source.offset`), the convention of Kafka
-Connect's DLQ. The source flushes the producer before it commits an offset past a dead letter;
+A dead letter keeps the record's key, value and headers byte for byte; why it was rejected and
+where it came from travel as headers after the producer's own (`calm.error.reason`,
+`calm.error.field`, `calm.error.message`, `calm.source.topic`, `calm.source.partition`,
+`calm.source.offset`), the convention of Kafka Connect's DLQ. The source flushes the producer before it commits an offset past a dead letter;
 the sink acknowledges the Parquet copy like a result row (keyed by topic/partition/offset, so a
 replay does not add a second copy there; the topic may receive one, Kafka being at-least-once).
 """
@@ -14,6 +14,7 @@ from typing import Any
 
 import ray
 from kafka import KafkaProducer
+from kafka.producer.future import FutureRecordMetadata
 
 from operators.events import from_millis
 from pipeline.processing import DeadLetter
@@ -34,9 +35,20 @@ def topic_key(record: SourceRecord) -> bytes | None:
     return b"" if record.key is None and record.value is None else record.key
 
 
+def send_letter(producer: KafkaProducer, letter: DeadLetter) -> FutureRecordMetadata:
+    """Send one dead letter to its topic: the record's key, value and headers, then ours."""
+    record = letter.record
+    return producer.send(
+        letter.routed_to, key=topic_key(record), value=record.value, headers=headers(letter)
+    )
+
+
 def headers(letter: DeadLetter) -> list[tuple[str, bytes]]:
+    """The producer's own headers, then why and where from (Kafka Connect's DLQ convention). A
+    null header value goes as empty bytes: kafka-python cannot send one (`dlq/` keeps the null)."""
     record = letter.record
     return [
+        *((key, b"" if value is None else value) for key, value in record.headers),
         ("calm.error.reason", letter.reason.encode()),
         ("calm.error.field", (letter.field or "").encode()),
         ("calm.error.message", letter.message.encode()),
@@ -60,6 +72,7 @@ def dead_letter_row(letter: DeadLetter) -> dict[str, Any]:
         "field": letter.field,
         "message": letter.message,
         "routed_to": letter.routed_to,
+        "headers": [{"key": key, "value": value} for key, value in record.headers],
     }
 
 
@@ -76,13 +89,7 @@ class DeadLetterWriter:
 
     def send(self, letters: list[DeadLetter]) -> None:
         for letter in letters:
-            record = letter.record
-            self._producer.send(
-                letter.routed_to,
-                key=topic_key(record),
-                value=record.value,
-                headers=headers(letter),
-            ).add_errback(self._errors.append)
+            send_letter(self._producer, letter).add_errback(self._errors.append)
         rows = Rows(dead_letters=[(self._origin, dead_letter_row(letter)) for letter in letters])
         self._writes.append(self._sink.write.remote(pack(rows)))
         # bounded: a flood of bad input waits here

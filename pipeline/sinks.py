@@ -134,6 +134,8 @@ DEAD_LETTER_SCHEMA = pa.schema(
         ("field", pa.string()),
         ("message", pa.string()),
         ("routed_to", pa.string()),
+        # the producer's own Kafka headers, in order (a key may repeat, a value may be null)
+        ("headers", pa.list_(pa.struct([("key", pa.string()), ("value", pa.binary())]))),
     ]
 )
 

@@ -25,13 +25,14 @@ import resource
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from queue import SimpleQueue
 from typing import Any, NamedTuple, Protocol
 
 import ray
 from kafka import KafkaConsumer
+from kafka.consumer.fetcher import ConsumerRecord
 from kafka.consumer.subscription_state import AsyncConsumerRebalanceListener
 from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata, TopicPartition
@@ -64,6 +65,20 @@ class SourceRecord(NamedTuple):
     key: bytes | None
     value: bytes | None  # None: a tombstone
     timestamp_ms: int
+    headers: Sequence[tuple[str, bytes | None]] = ()  # the producer's, in order
+
+
+def source_record(message: ConsumerRecord) -> SourceRecord:
+    """What a stage sees of a polled message."""
+    return SourceRecord(
+        message.topic,
+        message.partition,
+        message.offset,
+        message.key,
+        message.value,
+        message.timestamp,
+        message.headers,
+    )
 
 
 @dataclass
@@ -360,10 +375,7 @@ class KafkaSourceActor:
                 # A new assignment: the stage resumes from the committed offset and its metadata.
                 self._stage.assign(tp, self._consumer.committed(tp, metadata=True))
                 self._known.add(tp)
-            records += [
-                SourceRecord(m.topic, m.partition, m.offset, m.key, m.value, m.timestamp)
-                for m in messages
-            ]
+            records += [source_record(m) for m in messages]
             self._next[tp] = messages[-1].offset + 1
         if records:
             self.stats["records"] += len(records)

@@ -31,13 +31,13 @@ from test_sinks import Source
 from operators.decode import DecodeError, Reason, decode
 from operators.events import to_json_bytes
 from operators.windows import WindowSpec
-from pipeline.dlq import DeadLetterWriter
+from pipeline.dlq import DeadLetterWriter, dead_letter_row, send_letter
 from pipeline.job import JobOptions, ensure_topics, run_pipeline
 from pipeline.processing import DeadLetter, FlowConfig, PartitionFlow
 from pipeline.settings import Settings, kafka_client_options
 from pipeline.simulator import simulate
-from pipeline.sinks import SinkActor
-from pipeline.source import SourceRecord
+from pipeline.sinks import DEAD_LETTER_SCHEMA, ParquetDataset, SinkActor
+from pipeline.source import SourceRecord, source_record
 
 INT64_MAX = 2**63 - 1
 # The broker refuses timestamps far from its clock unless the topic allows them.
@@ -292,7 +292,7 @@ def test_a_record_with_neither_key_nor_value_reaches_the_dlq_topic(
     ray.get(sink.connect.remote([source]))
     ensure_topics(settings, [settings.kafka.topics.dlq])
     letters: list[DeadLetter] = []
-    record = SourceRecord("iot", 0, 7, None, None, 1_900_000_000_000)
+    record = SourceRecord("iot", 0, 7, None, None, 1_900_000_000_000, [("n", None), ("u", b"\xff")])
     flow(settings.kafka.topics.dlq).process([record], [], letters)
     [letter] = letters
     writer = DeadLetterWriter(kafka_client_options(settings.kafka), sink, 0)
@@ -302,6 +302,69 @@ def test_a_record_with_neither_key_nor_value_reaches_the_dlq_topic(
     ray.get(sink.close.remote())
     [sent] = read_topic(settings, letter.routed_to)
     assert (sent.key, sent.value) == (b"", None)
-    assert dict(sent.headers)["calm.error.reason"] == b"null_value"
+    assert sent.headers[:3] == [("n", b""), ("u", b"\xff"), ("calm.error.reason", b"null_value")]
     row = read_back(tmp_path / "sink", "dlq").to_pylist()[0]
     assert (row["message_key"], row["value"], row["reason"]) == (None, None, "null_value")
+    assert row["headers"] == [{"key": "n", "value": None}, {"key": "u", "value": b"\xff"}]
+
+
+CALM_HEADERS = [
+    "calm.error.reason",
+    "calm.error.field",
+    "calm.error.message",
+    "calm.source.topic",
+    "calm.source.partition",
+    "calm.source.offset",
+]
+
+
+# Bad records with odd headers: repeated and empty keys, binary and big values, none at all.
+HEADED = [
+    (b"k1", b"not json", -1, [("trace-id", b"abc"), ("bin", b"\xff\xfe\x00"), ("trace-id", b"2")]),
+    (b"k2", None, -1, []),
+    (b"k3", b"{}", -1, [("", b""), ("big", b"x" * 200_000)]),
+]
+
+
+def assert_headers_kept(settings: Settings, root) -> None:
+    """The dead-letter topic has each record's headers, then the calm.* ones; `dlq/` has them."""
+    dlq_topic = read_topic(settings, settings.kafka.topics.dlq)
+    assert len(dlq_topic) == len(HEADED)
+    for sent in dlq_topic:
+        produced = HEADED[int(dict(sent.headers)["calm.source.offset"])][3]
+        assert sent.headers[: len(produced)] == produced
+        assert [key for key, _ in sent.headers[len(produced) :]] == CALM_HEADERS
+    dlq = read_back(root, "dlq")
+    by_offset = dict(zip(dlq.column("offset").to_pylist(), dlq.column("headers").to_pylist()))
+    assert by_offset == {
+        offset: [{"key": key, "value": value} for key, value in record[3]]
+        for offset, record in enumerate(HEADED)
+    }
+
+
+def test_dead_letters_keep_the_producers_headers_beside_calms(ray_local, kafka_broker, tmp_path):
+    settings = pipeline_settings(kafka_broker.bootstrap_servers, tmp_path, None, "headers")
+    create_topics(settings)
+    produce_records(settings, HEADED)
+    run_pipeline(settings, JobOptions(passthrough=True, until_idle_s=1.0))
+    assert_headers_kept(settings, tmp_path / "sink")
+
+
+def test_the_headers_a_consumer_reads_reach_the_dlq_topic_and_dataset(kafka_broker, tmp_path):
+    """The same without Ray: records read by a plain consumer, the source's conversion, the flow,
+    the dead-letter sender on the real broker and the dataset's rows in Parquet."""
+    settings = pipeline_settings(kafka_broker.bootstrap_servers, tmp_path, None, "headed")
+    create_topics(settings)
+    ensure_topics(settings, [settings.kafka.topics.dlq])
+    produce_records(settings, HEADED)
+    letters: list[DeadLetter] = []
+    records = [source_record(m) for m in read_topic(settings, settings.kafka.topics.iot)]
+    flow(settings.kafka.topics.dlq).process(records, [], letters)
+    producer = KafkaProducer(**kafka_client_options(settings.kafka), max_request_size=4 << 20)
+    for letter in letters:
+        send_letter(producer, letter).get(timeout=30)
+    producer.close()
+    dataset = ParquetDataset(tmp_path / "sink" / "dlq", DEAD_LETTER_SCHEMA, "timestamp", "key")
+    dataset.add(dead_letter_row(letter) for letter in letters)
+    dataset.flush()
+    assert_headers_kept(settings, tmp_path / "sink")
