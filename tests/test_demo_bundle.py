@@ -81,26 +81,21 @@ def test_generate_finds_the_shipped_registry_when_none_is_configured(tmp_path):
     """`calm-stream generate` from a folder with no registry of its own (settings left at their
     default) uses the bundle shipped with the package; a registry set by the user is not replaced."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CALM_STREAM_")}
-    cli = [sys.executable, "-m", "pipeline.cli"]
     prompt = simulated_prompts(1)[0]["prompt"]
-    shipped = subprocess.run(
-        [*cli, "generate", "--json", "--max-new-tokens", "8", prompt],
-        check=False,
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "pipeline.cli", *args],
+            check=False,
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+
+    shipped = cli("generate", "--json", "--max-new-tokens", "8", prompt)
     assert shipped.returncode == 0, shipped.stderr
     assert json.loads(shipped.stdout.splitlines()[0])["bundle"] == Registry(SHIPPED).latest()
-    configured = subprocess.run(
-        [*cli, "--set", f"model.registry={tmp_path / 'mine'}", "generate", prompt],
-        check=False,
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    configured = cli("--set", f"model.registry={tmp_path / 'mine'}", "generate", prompt)
     assert configured.returncode != 0 and "mine" in configured.stderr
