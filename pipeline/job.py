@@ -17,7 +17,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from functools import partial
 from typing import Any
 
@@ -253,6 +253,8 @@ def run_pipeline(
                         topics.late,
                         settings.kafka.max_message_bytes,
                         i,
+                        settings.windows.future_timestamp_clock,
+                        timedelta(seconds=settings.windows.max_future_skew_seconds),
                     )
                 ),
                 dead_letters=partial(DeadLetterWriter, client, sink, i),

@@ -1,7 +1,7 @@
 """From Kafka records to inference requests and dead letters, one source partition at a time.
 
-Each assigned partition gets a `PartitionFlow`: decode+validate (operators.decode, with the
-record's Kafka timestamp as the clock, so a replay decides exactly as the first run did),
+Each assigned partition gets a `PartitionFlow`: decode+validate (operators.decode, by default
+with the record's Kafka timestamp as the clock, so a replay decides exactly as the first run did),
 event-time windows per entity (operators.windows), and for every window that closes its
 statistics rendered as a prompt (operators.stats, operators.prompts). Bad messages and late
 events become `DeadLetter`s with their reason.
@@ -25,17 +25,18 @@ import time
 from collections import Counter, OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any, TypeVar
 
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
-from operators.decode import DecodeError, decode
+from operators.decode import DEFAULT_MAX_FUTURE, DecodeError, decode
 from operators.events import from_millis
 from operators.facts import reference_facts
 from operators.prompts import render_prompt
 from operators.stats import window_stats
 from operators.windows import ClosedWindow, Rejected, Windower, WindowSpec
-from pipeline.source import SourceRecord, Work
+from pipeline.source import LOG_APPEND_TIME, SourceRecord, Work
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +87,18 @@ class DeadLetter:
 
 _Held = TypeVar("_Held", WindowRequest, DeadLetter)
 _partition_of = operator.attrgetter("topic", "partition")
-# A record's Kafka timestamp as the decoder's clock; records produced together share it.
-_record_clock = functools.lru_cache(maxsize=1)(from_millis)
+# The decoder's clock as a datetime; records produced together share their Kafka timestamp.
+_clock = functools.lru_cache(maxsize=1)(from_millis)
+
+
+def judged_at(record: SourceRecord, clock: str) -> int | None:
+    """The time (epoch ms) that `record`'s event time may run at most `max_future` ahead of, by
+    `windows.future_timestamp_clock`; None when the record has no timestamp. Only "record" gives
+    the same answer on a replay; the broker's time is in the record only on a LogAppendTime topic,
+    elsewhere "log_append" falls back to the wall clock."""
+    if clock == "record" or (clock == "log_append" and record.timestamp_type == LOG_APPEND_TIME):
+        return record.timestamp_ms if record.timestamp_ms >= 0 else None
+    return time.time_ns() // 1_000_000
 
 
 def row_key(topic: str, partition: int, start_ms: int, entity: str) -> str:
@@ -140,6 +151,8 @@ class FlowConfig:
     late_topic: str
     max_bytes: int
     origin: int
+    clock: str = "record"  # windows.future_timestamp_clock: see `judged_at`
+    max_future: timedelta = DEFAULT_MAX_FUTURE
 
 
 @dataclass
@@ -191,9 +204,15 @@ class PartitionFlow:
     def _outputs(self, record: SourceRecord) -> list[WindowRequest | DeadLetter]:
         """What one record makes: a dead letter, or the windows that its event closed (and the
         event's own dead letter when it is late)."""
-        config, timestamp_ms = self.config, record.timestamp_ms
-        now = _record_clock(timestamp_ms) if timestamp_ms >= 0 else None
-        event = decode(record.value, max_bytes=config.max_bytes, expected_kind=self.kind, now=now)
+        config = self.config
+        now_ms = judged_at(record, config.clock)
+        event = decode(
+            record.value,
+            max_bytes=config.max_bytes,
+            expected_kind=self.kind,
+            now=_clock(now_ms) if now_ms is not None else None,
+            max_future=config.max_future,
+        )
         if isinstance(event, DecodeError):
             return [
                 DeadLetter(record, event.reason.value, event.field, event.message, config.dlq_topic)

@@ -184,6 +184,11 @@ class WindowSettings(_Section):
     slide_seconds: float | None = Field(None, ge=0.001, allow_inf_nan=False)
     watermark_delay_seconds: float = Field(30, ge=0, allow_inf_nan=False)
     allowed_lateness_seconds: float = Field(60, ge=0, allow_inf_nan=False)
+    # What `future_timestamp` judges an event time against: the record's Kafka timestamp
+    # (deterministic on replay), the broker's LogAppendTime (a producer's clock is not trusted;
+    # the wall clock stands in on a topic that keeps CreateTime), or this consumer's wall clock.
+    future_timestamp_clock: Literal["record", "log_append", "wall"] = "record"
+    max_future_skew_seconds: float = Field(300, ge=0, allow_inf_nan=False)
 
     @model_validator(mode="after")
     def _slide_matches_kind(self) -> WindowSettings:

@@ -44,6 +44,9 @@ log = logging.getLogger(__name__)
 
 
 _NO_COMMIT = OffsetAndMetadata(-1, "", -1)  # a partition with no commit yet
+# A record's timestamp type (Kafka's TimestampType): the producer's CreateTime or the broker's
+# LogAppendTime (a topic with message.timestamp.type=LogAppendTime).
+CREATE_TIME, LOG_APPEND_TIME = 0, 1
 
 
 def partition_name(tp: TopicPartition) -> str:
@@ -66,6 +69,7 @@ class SourceRecord(NamedTuple):
     value: bytes | None  # None: a tombstone
     timestamp_ms: int
     headers: Sequence[tuple[str, bytes | None]] = ()  # the producer's, in order
+    timestamp_type: int = CREATE_TIME  # who set `timestamp_ms`: the producer or the broker
 
 
 def source_record(message: ConsumerRecord) -> SourceRecord:
@@ -78,6 +82,7 @@ def source_record(message: ConsumerRecord) -> SourceRecord:
         message.value,
         message.timestamp,
         message.headers,
+        message.timestamp_type,
     )
 
 
