@@ -33,11 +33,20 @@ class ARModel(nn.Module):
         """chunks [B, T, 1] token ids -> backbone inputs [B, T, d] (the generation interface)."""
         return self.backbone.wte(chunks[..., 0])
 
-    def forward(self, ids: torch.Tensor) -> AROutput:
-        """Cross-entropy of packed rows ids [B, T]: token t-1 predicts token t."""
+    def forward(self, ids: torch.Tensor, targets: torch.Tensor | None = None) -> AROutput:
+        """Cross-entropy of packed rows ids [B, T]: token t-1 predicts token t.
+
+        `targets` [B, T] (bool) marks the tokens to learn (e.g. a summary's, not its prompt's);
+        None learns every token after the first.
+        """
         if ids.shape[1] < 2:
             raise ValueError("rows need at least 2 tokens")
         hidden, _ = self.backbone(self.backbone.wte(ids[:, :-1]))
         logits = self.lm_head(hidden)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten())
-        return AROutput(loss=loss, logits=logits)
+        losses = F.cross_entropy(
+            logits.flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="none"
+        )
+        if targets is None:
+            return AROutput(loss=losses.mean(), logits=logits)
+        weights = targets[:, 1:].flatten().float()
+        return AROutput(loss=(losses * weights).sum() / weights.sum().clamp(min=1), logits=logits)

@@ -25,11 +25,13 @@ def energy_loss(
     log_std: torch.Tensor,
     m_targets: int,
     generator: torch.Generator | None = None,
+    target_scale: float = 1.0,
 ) -> torch.Tensor:
     """Negative energy score per position, alpha = 1.
 
-    samples [P, N, D] from the model; targets y [P, M, D] drawn from N(mean, exp(log_std)^2)
-    (constants: no gradient flows into mean and log_std):
+    samples [P, N, D] from the model; targets y [P, M, D] drawn from
+    N(mean, (target_scale * exp(log_std))^2) (constants: no gradient flows into mean and log_std;
+    target_scale < 1 shrinks the posterior's noise, 0 leaves its mean):
         (2 / NM) sum_{n,m} |y_m - x_n| - (1 / (N(N-1))) sum_{n != k} |x_n - x_k|
     Only the [P, N, M] and [P, N, N] distance matrices exist: torch.cdist in its direct mode
     never builds the [P, N, M, D] difference tensor (forward or backward), and it is exact at
@@ -40,7 +42,7 @@ def energy_loss(
         raise ValueError("the energy score needs at least 2 model samples per position")
     with torch.no_grad():  # targets are constants (frozen encoder): one buffer, filled in place
         targets = torch.randn((p, m_targets, d), generator=generator, device=samples.device)
-        targets.mul_(log_std.exp()[:, None]).add_(mean[:, None])
+        targets.mul_(log_std.exp()[:, None] * target_scale).add_(mean[:, None])
     mode = "donot_use_mm_for_euclid_dist"
     to_targets = torch.cdist(samples, targets, compute_mode=mode).mean(dim=(1, 2))
     between = torch.cdist(samples, samples, compute_mode=mode).sum(dim=(1, 2))  # zero diagonal
@@ -89,8 +91,9 @@ class EnergyHead(nn.Module):
 
 @dataclass
 class CALMOutput:
-    loss: torch.Tensor  # mean negative energy score over predicted chunks
+    loss: torch.Tensor  # mean negative energy score over the scored chunks
     hidden: torch.Tensor  # [B, L-1, d] backbone states that predict chunks 1..L-1
+    scored: torch.Tensor  # [B, L-1] bool: the chunks the loss scores
 
 
 class CALM(nn.Module):
@@ -133,18 +136,34 @@ class CALM(nn.Module):
         """latents [..., latent_dim] -> argmax tokens [..., K]."""
         return self.autoencoder.decode(latents).argmax(-1)
 
-    def forward(self, ids: torch.Tensor, generator: torch.Generator | None = None) -> CALMOutput:
-        """Energy loss on packed rows ids [B, L*K]: chunk i-1 predicts chunk i, i = 1..L-1."""
+    def forward(
+        self,
+        ids: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        target_scale: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> CALMOutput:
+        """Energy loss on packed rows ids [B, L*K]: chunk i-1 predicts chunk i, i = 1..L-1.
+
+        `targets` [B, L*K] (bool) marks the tokens to learn, e.g. a summary's and not its
+        prompt's: a chunk with a target token is scored, the others are only read (as
+        instruction-tuned models train on responses). None scores every chunk. `target_scale`
+        shrinks the noise of the energy-loss targets (energy_loss).
+        """
         c = self.config
         b, t = ids.shape
         if t % c.k or t // c.k < 2:
             raise ValueError(f"row length {t} must be a multiple of k={c.k} covering >= 2 chunks")
         chunks = ids.view(b, t // c.k, c.k)
-        with torch.no_grad():
-            mean, log_std = self.autoencoder.encode(chunks[:, 1:])  # [B, L-1, latent]
         hidden, _ = self.backbone(self.embed_chunks(chunks[:, :-1]))
-        samples = self.head(hidden, self.noise((b, t // c.k - 1, c.n_samples), generator))
-        loss = energy_loss(
-            samples.flatten(0, 1), mean.flatten(0, 1), log_std.flatten(0, 1), c.m_targets, generator
-        )
-        return CALMOutput(loss=loss.mean(), hidden=hidden)
+        if targets is None:
+            scored = torch.ones(hidden.shape[:2], dtype=torch.bool, device=ids.device)
+        else:
+            scored = targets.view(b, t // c.k, c.k)[:, 1:].any(-1)
+        with torch.no_grad():  # only the scored chunks are encoded and sampled for
+            mean, log_std = self.autoencoder.encode(chunks[:, 1:][scored])  # [P, latent]
+        samples = self.head(hidden[scored], self.noise((len(mean), c.n_samples), generator))
+        if len(mean) == 0:  # nothing to learn in this batch: a zero that keeps the graph
+            return CALMOutput(loss=samples.sum() * 0.0, hidden=hidden, scored=scored)
+        loss = energy_loss(samples, mean, log_std, c.m_targets, generator, target_scale)
+        return CALMOutput(loss=loss.mean(), hidden=hidden, scored=scored)

@@ -18,6 +18,9 @@ import numpy as np
 
 from model.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
 
+# A batch of token ids, or (ids, targets): the target mask marks the tokens the loss learns.
+Batch = np.ndarray | tuple[np.ndarray, np.ndarray]
+
 
 # Package data (model/corpora, with its attribution and licence), found in a checkout and an install.
 CORPORA_DIR = Path(__file__).resolve().parent / "corpora"
@@ -83,15 +86,49 @@ def pack_rows(
     return rows_at(stream, s, r, row_len)
 
 
-def rows_at(stream: np.ndarray, starts: np.ndarray, pads: np.ndarray, row_len: int) -> np.ndarray:
+def rows_at(
+    stream: np.ndarray,
+    starts: np.ndarray,
+    pads: np.ndarray,
+    row_len: int,
+    pad: int | bool = PAD_ID,
+    bos: int | bool = BOS_ID,
+) -> np.ndarray:
     """Training rows by the left-padding rule: row i is `pads[i]` <pad>s, <bos>, then the stream
-    from `starts[i]`, `row_len` tokens in all."""
+    from `starts[i]`, `row_len` tokens in all. `pad` and `bos` are the values written for them
+    (False, False to cut a per-token mask of the stream the same way)."""
     r = pads[:, None]
     j = np.arange(row_len)
     rows = stream[starts[:, None] + j - r - 1]  # indices below the start only where replaced next
-    rows[j < r] = PAD_ID
-    rows[j == r] = BOS_ID
+    rows[j < r] = pad
+    rows[j == r] = bos
     return rows
+
+
+def document_layout(
+    stream: np.ndarray, offsets: np.ndarray, summary_starts: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Documents laid out on chunk boundaries, as generation sees them.
+
+    Document i (`stream[offsets[i]:offsets[i+1]]`, `<bos> prompt summary <eos>`) becomes
+    `<pad>*r  document  <pad>*q`: r = -summary_start mod K puts the summary on a chunk boundary,
+    exactly where a prompt left-padded to a multiple of K (operators.chunking) puts the first
+    generated chunk, and q fills the document's last chunk. Returns (ids, summary, starts): the
+    laid-out tokens, a mask of each summary's tokens (<eos> included) and each document's start.
+    """
+    lengths = np.diff(offsets)
+    r = -summary_starts % k
+    q = -(r + lengths) % k
+    sizes = r + lengths + q
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+    doc = np.repeat(np.arange(len(lengths)), lengths)
+    within = np.arange(offsets[-1]) - offsets[doc]
+    dest = starts[doc] + r[doc] + within
+    ids = np.full(int(sizes.sum()), PAD_ID, dtype=stream.dtype)
+    ids[dest] = stream[: offsets[-1]]
+    summary = np.zeros(len(ids), dtype=bool)
+    summary[dest] = within >= summary_starts[doc]
+    return ids, summary, starts
 
 
 def sample_chunks(stream: np.ndarray, n: int, k: int, rng: np.random.Generator) -> np.ndarray:

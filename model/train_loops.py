@@ -11,32 +11,64 @@ import numpy as np
 import torch
 from torch import nn
 
+from model.data import Batch
+
 
 def make_optimizer(
-    model: nn.Module, lr: float = 3e-4, weight_decay: float = 0.1, betas=(0.9, 0.95)
+    model: nn.Module,
+    lr: float = 3e-4,
+    weight_decay: float = 0.1,
+    betas=(0.9, 0.95),
+    lr_ratios: dict[str, float] | None = None,
 ) -> torch.optim.Optimizer:
-    """AdamW as in the paper's recipes; no decay on norms, biases and other 1-D parameters."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas)
+    """AdamW as in the paper's recipes; no decay on norms, biases and other 1-D parameters.
+
+    `lr_ratios` maps a parameter-name prefix to a learning-rate multiplier (e.g. the energy head
+    at a quarter of the backbone's rate, as the CALM authors train theirs)."""
+    ratios = {"": 1.0} | dict(lr_ratios or {})
+    groups: dict[tuple[str, bool], list[nn.Parameter]] = {
+        (prefix, decay): [] for prefix in ratios for decay in (True, False)
+    }
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            prefix = max((x for x in ratios if name.startswith(x)), key=len)
+            groups[prefix, p.ndim >= 2].append(p)
+    return torch.optim.AdamW(
+        [
+            {"params": params, "weight_decay": weight_decay if decay else 0.0, "lr": lr * ratios[x]}
+            for (x, decay), params in groups.items()
+            if params or x == ""
+        ],
+        lr=lr,
+        betas=betas,
+    )
 
 
 def as_tensor(batch: np.ndarray | torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
     return torch.as_tensor(batch, dtype=torch.long, device=device)
 
 
+def model_inputs(batch: Batch, device: torch.device | str = "cpu") -> tuple[torch.Tensor, ...]:
+    """The forward arguments of a batch: (ids,) or (ids, targets)."""
+    if isinstance(batch, tuple):
+        ids, targets = batch
+        return as_tensor(ids, device), torch.as_tensor(targets, dtype=torch.bool, device=device)
+    return (as_tensor(batch, device),)
+
+
 def train_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    batch: np.ndarray | torch.Tensor,
+    batch: Batch,
     max_grad_norm: float = 1.0,
+    autocast: torch.dtype | None = None,
 ) -> float:
-    """One optimisation step on one batch of token ids; returns the loss."""
+    """One optimisation step on one batch of token ids; returns the loss. `autocast` runs the
+    forward pass in that dtype where torch's autocast allows (bfloat16 on a CPU)."""
     model.train()
-    loss = model(as_tensor(batch, next(model.parameters()).device)).loss
+    device = next(model.parameters()).device
+    with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+        loss = model(*model_inputs(batch, device)).loss
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_grad_norm)
@@ -45,13 +77,13 @@ def train_step(
 
 
 @torch.no_grad()
-def evaluate_loss(model: nn.Module, batches: Iterable[np.ndarray], seed: int = 0) -> float:
+def evaluate_loss(model: nn.Module, batches: Iterable[Batch], seed: int = 0) -> float:
     """Mean loss over fixed batches; the seed fixes CALM's sampled noise and targets."""
     model.eval()
     device = next(model.parameters()).device
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        losses = [model(as_tensor(b, device)).loss.item() for b in batches]
+        losses = [model(*model_inputs(b, device)).loss.item() for b in batches]
     return float(np.mean(losses))
 
 

@@ -11,7 +11,7 @@ from pipeline.bench_produce import print_bench_produce
 from pipeline.cli_errors import reported
 from pipeline.cli_model import bench_generate_command
 from pipeline.cli_run import bench_pipeline_command
-from pipeline.cli_train import reproduce
+from pipeline.cli_train import recipe, reproduce
 from pipeline.embedded import kafka_or_local
 from pipeline.settings import SettingsError, kafka_client_options
 
@@ -41,3 +41,4 @@ def bench_sampling() -> None:
 bench_app.command("generate")(bench_generate_command)
 bench_app.command("pipeline")(bench_pipeline_command)
 bench_app.command("reproduce")(reproduce)
+bench_app.command("recipe")(recipe)

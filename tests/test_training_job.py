@@ -24,9 +24,11 @@ from model.config import config_from_dict
 from model.train_loops import lr_factor
 from pipeline.cli_train import train
 from pipeline.corpus_build import write_corpus
+from pipeline.training.evaluation import brier_context
 from pipeline.training.job import TrainJobError, TrainRequest, run_training
+from pipeline.training.recipe_study import load_assets, run_study
 from pipeline.training.stages import CONFIG_DIR, TrainConfigError, load_train_config, plan_stages
-from pipeline.training.worker import brier_context, weights_digest
+from pipeline.training.worker import weights_digest
 
 TINY = CONFIG_DIR / "tiny.yaml"
 MODEL_STAGES = ("autoencoder", "calm", "ar")
@@ -206,7 +208,8 @@ sys.meta_path.insert(0, Blocked())
 from typer.testing import CliRunner
 from pipeline.cli import app
 
-for args in (["--help"], ["train", "--help"], ["bench", "reproduce", "--help"]):
+for args in (["--help"], ["train", "--help"], ["bench", "reproduce", "--help"],
+             ["bench", "recipe", "--help"]):
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, (args, result.output, result.exception)
 print(sorted(m for m in sys.modules if m.startswith(("ray.train", "pipeline.training."))))
@@ -224,4 +227,31 @@ def test_the_training_commands_are_listed_where_torch_is_not_installed():
         check=False,
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip() == "['pipeline.training.stages', 'pipeline.training.storage']"
+    # the training config and the recipe study's arm table: torch-free by design
+    expected = [
+        "pipeline.training.recipe_arms",
+        "pipeline.training.stages",
+        "pipeline.training.storage",
+    ]
+    assert done.stdout.strip() == str(expected)
+
+
+@pytest.mark.slow
+def test_the_recipe_study_trains_arms_side_by_side_on_the_runs_autoencoder(trained, tmp_path):
+    """`calm-stream bench recipe` on the run's tokenizer and autoencoder: every arm trains for
+    the same CPU budget and leaves its learning curve, final scores and the plot."""
+    request, _ = trained
+    rows = ["calm.train.row_len=256", "ar.train.row_len=256"]  # a whole document per row
+    assets = load_assets(Path(request.storage) / "tiny", request.corpus, str(TINY), rows)
+    table = run_study(assets, ["aux", "ar-aligned"], tmp_path, 0.05, evaluations=2, parallel=2)
+    assert [row["arm"] for row in table["rows"]] == ["aux", "ar-aligned"]
+    for row in table["rows"]:
+        assert row["steps"] > 0 and row["train_cpu_seconds"] >= 3.0
+        result = json.loads((tmp_path / f"{row['arm']}.json").read_text())
+        assert result["curve"][0]["step"] == 0 and len(result["curve"]) >= 2
+        assert all("summary_loss" in p for p in result["curve"])
+        assert {"brier_lm", "fact_accuracy", "draws_per_step"} <= set(result["final"])
+    aux = json.loads((tmp_path / "aux.json").read_text())
+    assert all("digit_chunk_acc" in p for p in aux["curve"])  # CALM's teacher-forced accuracy
+    assert (tmp_path / "curves.png").stat().st_size > 10_000
+    assert "| aux |" in (tmp_path / "table.md").read_text()

@@ -42,9 +42,11 @@ import ray
 import ray.data
 from tokenizers import Tokenizer as HFTokenizer
 
-from model.data import rows_at
+from model.config import ARConfig, AutoencoderConfig, CALMConfig
+from model.data import Batch, document_layout, rows_at
 from model.filesystems import split_uri
-from model.tokenizer import BOS_ID, EOS_ID, Tokenizer
+from model.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
+from pipeline.training.stages import TrainSpec
 
 FORMATS = {".parquet": "parquet", ".jsonl": "jsonl", ".json": "jsonl"}
 DOMAIN_COLUMNS = ("prompt", "reference")
@@ -189,16 +191,7 @@ def read_corpus(source: CorpusSource, valid_fraction: float) -> pa.Table:
         ) from None
     split_of = {file.path: name for name, file in source.files.items()}
     if source.kind == "domain":
-        text = [
-            training_document(p, r)
-            for p, r in zip(table["prompt"].to_pylist(), table["reference"].to_pylist())
-        ]
-        splits = [split_of[p] for p in table["path"].to_pylist()]
-        keep = {
-            "prompt": table["prompt"],
-            **({"facts": table["facts"]} if "facts" in table.column_names else {}),
-        }
-        return pa.table({"split": splits, "text": text, **keep})
+        return domain_table(table, [split_of[p] for p in table["path"].to_pylist()])
     count = table.num_rows
     n_valid = max(1, round(count * valid_fraction))
     if count - n_valid < 1:
@@ -207,6 +200,19 @@ def read_corpus(source: CorpusSource, valid_fraction: float) -> pa.Table:
         )
     splits = ["train"] * (count - n_valid) + ["valid"] * n_valid
     return pa.table({"split": splits, "text": table["text"]})
+
+
+def domain_table(records: pa.Table, splits: list[str]) -> pa.Table:
+    """Domain records as training documents: split, text, prompt (and facts, if recorded)."""
+    text = [
+        training_document(p, r)
+        for p, r in zip(records["prompt"].to_pylist(), records["reference"].to_pylist())
+    ]
+    keep = {
+        "prompt": records["prompt"],
+        **({"facts": records["facts"]} if "facts" in records.column_names else {}),
+    }
+    return pa.table({"split": splits, "text": text, **keep})
 
 
 def split_names(table: pa.Table) -> list[str]:
@@ -222,7 +228,7 @@ def tokenizer_from_json(tokenizer_json: str) -> Tokenizer:
     return Tokenizer(HFTokenizer.from_str(tokenizer_json))
 
 
-def _tokenize(batch: pa.Table, tokenizer_json: str) -> pa.Table:
+def tokenize_records(batch: pa.Table, tokenizer_json: str) -> pa.Table:
     """ids = <bos> text <eos>; domain records also get prompt_ids = <bos> prompt."""
     tokenizer = tokenizer_from_json(tokenizer_json)
     docs = [[BOS_ID, *ids, EOS_ID] for ids in tokenizer.encode_batch(batch["text"].to_pylist())]
@@ -256,20 +262,43 @@ class TokenCorpus:
     def fingerprint(self) -> str:
         return hashlib.sha256(self.stream.tobytes() + self.offsets.tobytes()).hexdigest()[:16]
 
+    @functools.cached_property
+    def summary_starts(self) -> np.ndarray:
+        """Per document, where its summary starts: after `<bos> prompt` (the prompt the model reads
+        at inference), or 0 for plain documents (every token is text to learn)."""
+        if not self.prompts:
+            return np.zeros(self.documents, dtype=np.int64)
+        starts = np.empty(self.documents, dtype=np.int64)
+        for i, prompt in enumerate(self.prompts):
+            head = self.document(i)[: len(prompt)]
+            same = head == prompt[: len(head)]
+            starts[i] = len(head) if same.all() else int(np.argmin(same))
+        return starts
+
+    @functools.cached_property
+    def summary_mask(self) -> np.ndarray:
+        """Per stream token: part of a summary (its <eos> included)."""
+        doc = np.repeat(np.arange(self.documents), np.diff(self.offsets))
+        within = np.arange(len(self.stream)) - self.offsets[doc]
+        return within >= self.summary_starts[doc]
+
 
 def tokenize_corpus(table: pa.Table, tokenizer: Tokenizer) -> dict[str, TokenCorpus]:
     """Tokenize with Ray Data (parallel, order kept); one TokenCorpus per split."""
     tokenized = ray.data.from_arrow(table).map_batches(
-        _tokenize, batch_format="pyarrow", fn_kwargs={"tokenizer_json": tokenizer.hf.to_str()}
+        tokenize_records,
+        batch_format="pyarrow",
+        fn_kwargs={"tokenizer_json": tokenizer.hf.to_str()},
     )
     tokens = pa.concat_tables(ray.get(tokenized.to_arrow_refs()))
     return {
-        name: _token_corpus(tokens.filter(pc.equal(tokens["split"], name)))
+        name: token_corpus(tokens.filter(pc.equal(tokens["split"], name)))
         for name in split_names(tokens)
     }
 
 
-def _token_corpus(table: pa.Table) -> TokenCorpus:
+def token_corpus(table: pa.Table) -> TokenCorpus:
+    """One split's tokenized records (tokenize_records) as a TokenCorpus."""
     ids = table["ids"].combine_chunks()
     lengths = pc.list_value_length(ids).to_numpy()
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
@@ -319,12 +348,14 @@ class RowSamples:
     Rows start every T - K tokens (a row covers at least T - K stream tokens), one token later
     where that token is a <bos> (no <bos><bos>); r, the number of left pads, is drawn uniformly in
     0..K-1 per (seed, epoch, row), so every prompt alignment is trained (model/data.py's packing).
+    With `targets` (a per-token mask of the stream) a batch is (rows, the rows' target mask).
     """
 
     stream: np.ndarray
     row_len: int
     k: int
     seed: int
+    targets: np.ndarray | None = None
 
     @functools.cached_property
     def starts(self) -> np.ndarray:
@@ -344,9 +375,44 @@ class RowSamples:
         pads = np.random.default_rng([self.seed, epoch, 1]).integers(0, self.k, size=len(self))
         return pads[indices]
 
-    def batch(self, indices: np.ndarray, epoch: int) -> np.ndarray:
-        pads = self.left_pads(indices, epoch)
-        return rows_at(self.stream, self.starts[indices], pads, self.row_len).astype(np.int64)
+    def batch(self, indices: np.ndarray, epoch: int) -> Batch:
+        pads, starts = self.left_pads(indices, epoch), self.starts[indices]
+        rows = rows_at(self.stream, starts, pads, self.row_len).astype(np.int64)
+        if self.targets is None:
+            return rows
+        return rows, rows_at(self.targets, starts, pads, self.row_len, pad=False, bos=False)
+
+
+@dataclass(frozen=True)
+class DocumentRows:
+    """CALM / AR samples that start at a document: row i is document i and the documents after
+    it, laid out on chunk boundaries (model.data.document_layout), `row_len` tokens; a prompt is
+    never cut off. With `summary_only`, a batch is (rows, mask of the summaries' tokens)."""
+
+    corpus: TokenCorpus
+    row_len: int
+    k: int
+    summary_only: bool = False
+
+    @functools.cached_property
+    def layout(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        ids, summary, starts = document_layout(
+            self.corpus.stream, self.corpus.offsets, self.corpus.summary_starts, self.k
+        )
+        tail = np.full(self.row_len, PAD_ID, dtype=ids.dtype)  # the last rows run past the end
+        return np.concatenate([ids, tail]), np.concatenate([summary, tail.astype(bool)]), starts
+
+    def __len__(self) -> int:
+        return self.corpus.documents
+
+    def tokens_per_sample(self) -> int:
+        return self.row_len
+
+    def batch(self, indices: np.ndarray, epoch: int) -> Batch:
+        ids, summary, starts = self.layout
+        window = starts[indices][:, None] + np.arange(self.row_len)
+        rows = ids[window].astype(np.int64)
+        return (rows, summary[window]) if self.summary_only else rows
 
 
 @dataclass(frozen=True)
@@ -391,3 +457,29 @@ class ShardSampler:
 def _permutation(n: int, seed: int, epoch: int) -> np.ndarray:
     """The epoch's order of all sample indices (cached: every step of an epoch reads it)."""
     return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def sample_space(
+    stage: str,
+    corpus: TokenCorpus,
+    config: AutoencoderConfig | CALMConfig | ARConfig,
+    spec: TrainSpec,
+    seed: int,
+) -> ChunkSamples | RowSamples | DocumentRows:
+    if stage == "autoencoder":
+        return ChunkSamples(autoencoder_stream(corpus, config.k), config.k)
+    summary_only = spec.loss_on == "summary"
+    if spec.rows == "documents":
+        return DocumentRows(corpus, spec.row_len, config.k, summary_only)
+    targets = corpus.summary_mask if summary_only else None
+    return RowSamples(corpus.stream, spec.row_len, config.k, seed, targets)
+
+
+def autoencoder_stream(corpus: TokenCorpus, k: int) -> np.ndarray:
+    """The autoencoder learns the chunks CALM reads and writes in either row layout: the token
+    stream and, for a domain corpus, its documents laid out on chunk boundaries (a summary's last
+    chunk ends in <eos> and padding)."""
+    if not corpus.prompts:
+        return corpus.stream
+    laid_out, _, _ = document_layout(corpus.stream, corpus.offsets, corpus.summary_starts, k)
+    return np.concatenate([corpus.stream, laid_out])

@@ -58,6 +58,20 @@ class TrainSpec(_Strict):
         None, ge=1, description="stop right after this step's checkpoint, as a killed job would"
     )
     log_samples: bool = Field(False, description="record the sample indices each rank trains on")
+    rows: Literal["stream", "documents"] = Field(
+        "stream",
+        description="calm, ar: rows cut from the token stream at any offset, or rows that start "
+        "at a document laid out on chunk boundaries (a prompt is never cut off)",
+    )
+    loss_on: Literal["all", "summary"] = Field(
+        "all", description="calm, ar: learn every token, or a domain summary's only"
+    )
+    aux_weight: float = Field(
+        0.0, ge=0, description="calm: weight of the training-only next-chunk cross-entropy head"
+    )
+    target_scale: float = Field(
+        1.0, ge=0, le=1, description="calm: std of the energy-loss targets, x the posterior's"
+    )
 
     @model_validator(mode="after")
     def _stop_on_a_checkpoint(self) -> TrainSpec:
@@ -118,8 +132,20 @@ class _SequenceStage(_ModelStage):
         return self
 
 
+def _refuse_calm_options(train: TrainSpec, stage: str) -> None:
+    if train.aux_weight or train.target_scale != 1.0:
+        raise ValueError(f"train.aux_weight and train.target_scale apply to calm, not {stage}")
+
+
 class AutoencoderStage(_ModelStage):
     model: AutoencoderConfig = Field(default_factory=AutoencoderConfig)
+
+    @model_validator(mode="after")
+    def _rows_options(self) -> Self:
+        _refuse_calm_options(self.train, "autoencoder")
+        if self.train.rows != "stream" or self.train.loss_on != "all":
+            raise ValueError("train.rows and train.loss_on apply to calm and ar")
+        return self
 
 
 class CALMStage(_SequenceStage):
@@ -129,6 +155,11 @@ class CALMStage(_SequenceStage):
 
 class ARStage(_SequenceStage):
     model: ARConfig = Field(default_factory=ARConfig)
+
+    @model_validator(mode="after")
+    def _no_calm_options(self) -> Self:
+        _refuse_calm_options(self.train, "ar")
+        return self
 
 
 class TrainConfig(_Strict):

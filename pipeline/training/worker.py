@@ -38,22 +38,21 @@ import torch.distributed as dist
 from torch import nn
 
 from model.autoencoder import Autoencoder
-from model.brierlm import N_MAX
 from model.calm import CALM
 from model.checkpoint import build_model, load_checkpoint, save_checkpoint
 from model.config import ARConfig, AutoencoderConfig, CALMConfig, load_config
 from model.flops import training_flops_per_token
+from model.objectives import CALMObjective
 from model.train_loops import lr_factor, make_optimizer, train_step
 from pipeline.training.corpus import (
-    ChunkSamples,
-    RowSamples,
     ShardSampler,
     TokenCorpus,
+    sample_space,
     tokenizer_from_json,
 )
-from pipeline.training.evaluation import evaluate
+from pipeline.training.evaluation import brier_context, evaluate
 from pipeline.training.metrics import MetricsChannel
-from pipeline.training.stages import TrainConfig
+from pipeline.training.stages import TrainConfig, TrainSpec
 from pipeline.training.storage import Storage, checkpoint_dir_name
 
 TRAINER_STATE = "trainer_state.pt"
@@ -93,25 +92,9 @@ def weights_digest(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def sample_space(
-    stage: str, corpus: TokenCorpus, config: ModelConfig, row_len: int, seed: int
-) -> ChunkSamples | RowSamples:
-    if stage == "autoencoder":
-        return ChunkSamples(corpus.stream, config.k)
-    return RowSamples(corpus.stream, row_len, config.k, seed)
-
-
 def positions_per_row(config: ModelConfig, row_len: int) -> int:
     """Backbone positions of one training row (CALM: chunks); attention cost depends on it."""
     return row_len // config.k
-
-
-def brier_context(config: ModelConfig, row_len: int) -> int:
-    """Context tokens BrierLM conditions on: a training row, less room for the 4-token rollout."""
-    if isinstance(config, AutoencoderConfig):
-        return row_len
-    rollout_steps = -(-N_MAX // config.k)
-    return min(row_len, (config.backbone.max_seq_len - rollout_steps + 1) * config.k)
 
 
 def _restore(
@@ -165,9 +148,7 @@ def _evaluate(
         corpus: TokenCorpus = ray.get(plan.splits[split])
         results[split] = evaluate(
             cpu_model,
-            sample_space(
-                plan.stage, corpus, plan.model_config, section.train.row_len, plan.config.seed
-            ),
+            sample_space(plan.stage, corpus, plan.model_config, section.train, plan.config.seed),
             corpus,
             section.eval,
             tokenizer,
@@ -179,8 +160,28 @@ def _evaluate(
     return results
 
 
+def training_objective(model: nn.Module, spec: TrainSpec) -> nn.Module:
+    """What the optimiser trains: CALM inside its objective (training-only heads), else the model."""
+    if isinstance(model, CALM):
+        return CALMObjective(model, spec.aux_weight, spec.target_scale)
+    return model
+
+
+def _training_only_state(objective: nn.Module) -> dict[str, torch.Tensor]:
+    """The objective's weights that are not the model's (checkpoints hold the model alone)."""
+    if not isinstance(objective, CALMObjective):
+        return {}
+    return {k: v for k, v in objective.state_dict().items() if not k.startswith("calm.")}
+
+
 def _report(
-    model: nn.Module, optimizer, scheduler, step: int, metrics: dict[str, Any], rank: int
+    model: nn.Module,
+    objective: nn.Module,
+    optimizer,
+    scheduler,
+    step: int,
+    metrics: dict[str, Any],
+    rank: int,
 ) -> None:
     """All ranks report (Ray Train's barrier); rank 0 attaches the checkpoint."""
     with tempfile.TemporaryDirectory() as directory:
@@ -191,6 +192,7 @@ def _report(
                 "step": step,
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
+                "objective": _training_only_state(objective),
             }
             torch.save(state, os.path.join(directory, TRAINER_STATE))
             checkpoint = ray.train.Checkpoint.from_directory(directory)
@@ -213,8 +215,11 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     # the same initial weights on every rank (DDP broadcasts rank 0's anyway)
     torch.manual_seed(seed)
     model, state = _restore(checkpoint, plan) if checkpoint else (_fresh_model(plan), None)
-    ddp_model = ray.train.torch.prepare_model(model)  # moves `model` to the device, wraps it in DDP
-    optimizer = make_optimizer(model, spec.lr, spec.weight_decay)
+    objective = training_objective(model, spec)
+    if state is not None:  # the training-only heads; the model's weights are loaded already
+        objective.load_state_dict(objective.state_dict() | state.get("objective", {}))
+    ddp_model = ray.train.torch.prepare_model(objective)  # to the device, wrapped in DDP
+    optimizer = make_optimizer(objective, spec.lr, spec.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, spec.steps, spec.warmup, spec.min_lr_ratio)
     )
@@ -224,9 +229,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         scheduler.load_state_dict(state["scheduler"])
         start = int(state["step"])
 
-    samples = sample_space(
-        plan.stage, ray.get(plan.splits["train"]), plan.model_config, spec.row_len, seed
-    )
+    samples = sample_space(plan.stage, ray.get(plan.splits["train"]), plan.model_config, spec, seed)
     sampler = ShardSampler(len(samples), spec.batch_size, world, rank, seed)
     tokens_per_step = spec.batch_size * samples.tokens_per_sample()
     flops_per_token = training_flops_per_token(
@@ -287,6 +290,6 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
             }
         if final or done % spec.checkpoint_every == 0:
-            _report(model, optimizer, scheduler, done, metrics, rank)
+            _report(model, objective, optimizer, scheduler, done, metrics, rank)
         if spec.stop_after_step == done:
             return
