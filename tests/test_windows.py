@@ -33,9 +33,8 @@ def random_stream(rng: random.Random) -> list[IotReading]:
     events = []
     for device in ("dev-1", "dev-2", "dev-3"):
         for seq in range(rng.randint(5, 40)):
-            ts = rng.randint(0, 120) * 500 + rng.choice(
-                (-1, 0, 0, 1)
-            )  # on and next to every boundary
+            # on and next to every boundary; event times start at 1970 (operators.events)
+            ts = rng.randint(1, 120) * 500 + rng.choice((-1, 0, 0, 1))
             events.append(reading(device, seq, ts))
     arrival = sorted(events, key=lambda e: e.ts)
     for _ in range(len(arrival) // 3):  # move some events later, some far later
