@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
+import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 import torch
 
@@ -35,7 +35,7 @@ from model.checkpoint import load_checkpoint
 from model.config import ARConfig, CALMConfig
 from model.objectives import CALMObjective
 from model.tokenizer import Tokenizer
-from model.train_loops import make_optimizer, train_step
+from model.train_loops import lr_factor, make_optimizer, train_step
 from pipeline.training.corpus import (
     ShardSampler,
     TokenCorpus,
@@ -89,7 +89,11 @@ def load_assets(run: Path, corpus: str, config: str | None, overrides: list[str]
     tokenizer_json = tokenizer_path.read_text()
     splits = {}
     for name, file in source.files.items():
-        records = pq.read_table(file.path) if file.format == "parquet" else _read_jsonl(file.path)
+        if file.format == "parquet":
+            records = pq.read_table(file.path, filesystem=source.fs)
+        else:
+            with source.fs.open_input_stream(file.path) as stream:
+                records = pa_json.read_json(stream)
         table = domain_table(records, [name] * records.num_rows)
         splits[name] = token_corpus(tokenize_records(table, tokenizer_json))
     train_config = load_train_config(config, overrides)
@@ -114,19 +118,14 @@ def load_assets(run: Path, corpus: str, config: str | None, overrides: list[str]
     )
 
 
-def _read_jsonl(path: str) -> pa.Table:
-    with open(path, encoding="utf-8") as f:
-        return pa.Table.from_pylist([json.loads(line) for line in f if line.strip()])
-
-
-def lr_factor(progress: float, arm: Arm, min_ratio: float) -> float:
-    """The learning-rate multiplier at `progress` (0..1) of the arm's budget."""
-    if progress < arm.warmup_fraction:
-        return max(progress / arm.warmup_fraction, 1e-3)
-    if arm.schedule == "constant":
+def budget_lr_factor(progress: float, arm: Arm, min_ratio: float) -> float:
+    """The learning-rate multiplier at `progress` (0..1) of the arm's budget: the training job's
+    warm-up and cosine (model.train_loops.lr_factor) on a clock of 10,000 ticks."""
+    if arm.schedule == "constant" and progress >= arm.warmup_fraction:
         return 1.0
-    tail = (progress - arm.warmup_fraction) / (1 - arm.warmup_fraction)
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(tail, 1.0)))
+    ticks = 10_000
+    tick = min(int(progress * ticks), ticks - 1)
+    return lr_factor(tick, ticks, round(arm.warmup_fraction * ticks), min_ratio)
 
 
 def _build(arm: Arm, assets: StudyAssets) -> tuple[CALM | ARModel, torch.nn.Module, TrainSpec]:
@@ -166,7 +165,7 @@ def train_arm(arm: Arm, assets: StudyAssets, budget_s: float, evaluations: int) 
     clock, step, losses, started = 0.0, 0, [], time.perf_counter()
     next_eval = budget_s / evaluations
     while clock < budget_s:
-        factor = lr_factor(clock / budget_s, arm, spec.min_lr_ratio)
+        factor = budget_lr_factor(clock / budget_s, arm, spec.min_lr_ratio)
         for group, base in zip(optimizer.param_groups, base_lrs):
             group["lr"] = base * factor
         tic = time.process_time()
