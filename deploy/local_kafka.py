@@ -287,6 +287,23 @@ class LocalKafka:
         if self.workdir is not None:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
+    def halt(self, timeout_s: float = 30.0) -> None:
+        """Stop the JVM but keep its data and listeners: the broker goes away as a restarted or
+        rescheduled one does, and `resume` brings it back where its clients look for it."""
+        self._terminate(timeout_s)
+
+    def resume(self) -> Self:
+        """Start a halted broker again: the same ports, the same logs and committed offsets."""
+        if self._proc is not None:
+            raise KafkaBrokerError(f"the broker is running (pid {self._proc.pid})")
+        self._launch(_java(), fetch_jars())
+        try:
+            self._wait_until_serving()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
     def _terminate(self, timeout_s: float = 30.0) -> None:
         if self._proc is not None:
             terminate_pid(self._proc.pid, timeout_s)

@@ -95,9 +95,10 @@ class DeadLetterWriter:
         # bounded: a flood of bad input waits here
         self._writes = cap_in_flight(self._writes, MAX_WRITES_IN_FLIGHT)
 
-    def flush(self) -> None:
-        """Block until every dead letter sent so far is acknowledged by its topic."""
-        self._producer.flush()
+    def flush(self, timeout_ms: int | None = None) -> None:
+        """Block until every dead letter sent so far is acknowledged by its topic; raises
+        KafkaTimeoutError when that takes longer than `timeout_ms`."""
+        self._producer.flush(None if timeout_ms is None else timeout_ms / 1000)
         if self._errors:
             raise RuntimeError(
                 f"{len(self._errors)} dead letters could not be sent; first: {self._errors[0]!r}"

@@ -33,10 +33,10 @@ from operators.events import from_millis
 from operators.windows import WindowSpec
 from pipeline.dlq import DeadLetterWriter
 from pipeline.inference import InferenceActor
-from pipeline.kafka_check import check_kafka
+from pipeline.kafka_check import BrokerWatch, KafkaUnavailable, check_kafka
 from pipeline.metrics import MetricsReporter
 from pipeline.processing import FlowConfig, WindowStage, decode_watermark
-from pipeline.ray_runtime import init_ray, local_ray_cpus
+from pipeline.ray_runtime import check_actors_fit, init_ray, local_ray_cpus, wait_placed
 from pipeline.settings import (
     MetricsSettings,
     RaySettings,
@@ -44,6 +44,7 @@ from pipeline.settings import (
     SettingsError,
     kafka_client_options,
     kafka_consumer_options,
+    kafka_producer_options,
 )
 from pipeline.sinks import SinkActor, local_root
 from pipeline.source import KafkaSourceActor
@@ -165,7 +166,8 @@ def _check_sink_root(root: str) -> None:
 
 def _check_local_ray_fits(settings: RaySettings) -> None:
     """A local Ray has a fixed number of CPUs and no autoscaler: actors that ask for more than it
-    has would wait for ever. (A Ray that runs already, or a cluster, is not checked.)"""
+    has would wait for ever. (A Ray that runs already, or a cluster, is checked once joined:
+    ray_runtime.check_actors_fit, and wait_placed bounds the wait for an autoscaler.)"""
     cpus = None if ray.is_initialized() else local_ray_cpus(settings)
     sources, inference = settings.source_actors, settings.inference_actors
     need = sources * settings.source_actor_cpus + inference * settings.inference_actor_cpus
@@ -197,9 +199,13 @@ def run_pipeline(
     settings: Settings, options: JobOptions = JobOptions(), stop: threading.Event | None = None
 ) -> JobReport:
     """Run until `stop` is set (or the bounded input is done); see the module docstring."""
-    client, consumer = kafka_client_options(settings.kafka), kafka_consumer_options(settings.kafka)
+    producer, consumer = (
+        kafka_producer_options(settings.kafka),
+        kafka_consumer_options(settings.kafka),
+    )
     preflight(settings, options)
     init_ray(settings.ray)
+    check_actors_fit(settings.ray)
     topics = settings.kafka.topics
     ensure_topics(settings, [topics.dlq, topics.late])
     started = time.monotonic()
@@ -235,7 +241,14 @@ def run_pipeline(
             for i in range(r)
         ]
         actors += inference
-        shares = node_shares(ray.get([a.node_id.remote() for a in inference]))
+        shares = node_shares(
+            wait_placed(
+                [a.node_id.remote() for a in inference],
+                f"inference actors of {settings.ray.inference_actor_cpus:g} CPUs "
+                "(ray.inference_actor_cpus)",
+                settings.ray,
+            )
+        )
         sources = [
             KafkaSourceActor.options(num_cpus=settings.ray.source_actor_cpus).remote(
                 [topics.iot, topics.transactions],
@@ -257,11 +270,12 @@ def run_pipeline(
                         timedelta(seconds=settings.windows.max_future_skew_seconds),
                     )
                 ),
-                dead_letters=partial(DeadLetterWriter, client, sink, i),
+                dead_letters=partial(DeadLetterWriter, producer, sink, i),
                 report=MetricsReporter(sink, requests),
                 name=f"source-{i}",
                 group_instance_id=f"{settings.kafka.group_id}-source-{i}",
                 flush_downstream=partial(request_flush, sink),
+                watch=BrokerWatch(settings.kafka, f"source-{i}"),
             )
             for i in range(p)
         ]
@@ -269,7 +283,11 @@ def run_pipeline(
         ray.get(sink.connect.remote(sources))  # before any source runs: acks find their way
         # Sources start polling together, so the group forms once: a source that joined late
         # could find a finished (static, so never leaving) member holding up the rebalance.
-        ray.get([s.__ray_ready__.remote() for s in sources])
+        wait_placed(
+            [s.__ray_ready__.remote() for s in sources],
+            f"source actors of {settings.ray.source_actor_cpus:g} CPUs (ray.source_actor_cpus)",
+            settings.ray,
+        )
         serving = [a.run.remote(share) for a, share in zip(inference, shares)]
         consuming = [
             s.run.remote(
@@ -306,11 +324,17 @@ def _wait(
     sources: list[ray.actor.ActorHandle],
     stop: threading.Event | None,
 ) -> None:
-    """Until every source returned; a failed actor fails the job, `stop` starts the drain."""
+    """Until every source returned; a failed actor fails the job, `stop` starts the drain. A source
+    that gave up on a broker gone for good raises its one line (KafkaUnavailable) here."""
     pending, stopping = list(consuming), False
     while pending:
         done, pending = ray.wait(pending, timeout=0.5)
-        ray.get(done)
+        try:
+            ray.get(done)
+        except ray.exceptions.RayTaskError as error:
+            if isinstance(error.cause, KafkaUnavailable):
+                raise error.cause from None
+            raise
         failed, _ = ray.wait(serving, timeout=0)
         if failed:
             ray.get(failed)

@@ -1,5 +1,6 @@
 """Fail fast when Kafka cannot be used: one bootstrap within `kafka.connect_timeout_seconds`, and
-when it fails, the cause in one line that names the setting to fix.
+when it fails, the cause in one line that names the setting to fix. A broker that goes away
+mid-run is waited for (`BrokerWatch`) for `kafka.reconnect_timeout_seconds`, then named the same way.
 
 kafka-python retries a failed bootstrap until its deadline and then raises only "Unable to
 bootstrap"; the causes it met on the way (refused, TLS, SASL) it merely logs. `check_kafka`
@@ -9,8 +10,9 @@ collects those logged errors while it bootstraps, keeps them off the console, an
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 from kafka import KafkaAdminClient
 from kafka.errors import (
@@ -21,6 +23,8 @@ from kafka.errors import (
 )
 
 from pipeline.settings import KafkaSettings, SettingsError, kafka_client_options
+
+log = logging.getLogger(__name__)
 
 
 class KafkaUnavailable(SettingsError):
@@ -73,6 +77,76 @@ def describe(kafka: KafkaSettings, errors: list[BaseException]) -> str:
     return (
         f"{setting}: {cause} at {servers} (kafka.connect_timeout_seconds="
         f"{kafka.connect_timeout_seconds:g})"
+    )
+
+
+class BrokerWatch:
+    """How long the clients of one actor have found no broker: a request that failed for want of
+    one (kafka-python's retriable errors) starts the clock, one that succeeded stops it; once it
+    ran for `kafka.reconnect_timeout_seconds`, KafkaUnavailable says why in one line. Meanwhile
+    kafka-python's reconnect warnings are collected for that line, and two of ours say what
+    happens (a broker restarted or rescheduled comes back within the window: the run goes on)."""
+
+    def __init__(self, kafka: KafkaSettings, name: str) -> None:
+        self.kafka, self.name = kafka, name
+        self._since: float | None = None  # monotonic time of the first failed request
+        self._errors: list[BaseException] = []
+        self._muted = ExitStack()
+
+    @property
+    def request_timeout_ms(self) -> int:
+        """How long one request may wait for an answer."""
+        return round(self.kafka.connect_timeout_seconds * 1000)
+
+    def reached(self) -> None:
+        """A request was answered: the broker is (back) there."""
+        if self._since is None:
+            return
+        log.warning(
+            "%s: Kafka answers again after %.0f s; going on",
+            self.name,
+            time.monotonic() - self._since,
+        )
+        self._muted.close()
+        self._since = None
+
+    def missed(self, error: BaseException, started: float) -> None:
+        """A request that began at `started` (monotonic) failed for want of a broker; raises
+        KafkaUnavailable once none has answered for kafka.reconnect_timeout_seconds."""
+        if self._since is None:
+            self._since = started
+            self._errors = self._muted.enter_context(_kafka_log_errors())
+            log.warning(
+                "%s: no Kafka broker answers at %s (%s); retrying for up to %g s "
+                "(kafka.reconnect_timeout_seconds)",
+                self.name,
+                ", ".join(self.kafka.bootstrap_servers),
+                _cause(self.kafka, [error])[1],
+                self.kafka.reconnect_timeout_seconds,
+            )
+        self._since = min(self._since, started)  # a request under way since before counts
+        self._errors.append(error)
+        away = time.monotonic() - self._since
+        if away >= self.kafka.reconnect_timeout_seconds:
+            errors = list(self._errors)
+            self._muted.close()
+            raise KafkaUnavailable(lost(self.kafka, errors, away))
+
+    def __getstate__(self) -> dict[str, object]:
+        """Travels to its actor before any request: the settings and the name are all it holds."""
+        return {"kafka": self.kafka, "name": self.name}
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__init__(**state)
+
+
+def lost(kafka: KafkaSettings, errors: list[BaseException], seconds: float) -> str:
+    """One line for a broker that went away mid-run and did not come back in time."""
+    setting, cause = _cause(kafka, errors)
+    servers = ", ".join(kafka.bootstrap_servers)
+    return (
+        f"{setting}: {cause} at {servers} for {seconds:.0f} s mid-run "
+        f"(kafka.reconnect_timeout_seconds={kafka.reconnect_timeout_seconds:g})"
     )
 
 

@@ -112,6 +112,10 @@ class KafkaSettings(_Section):
     # How long a client may look for a broker that answers (and accepts its credentials) before
     # the program gives up: kafka-python's own default of 30 s per client hid the cause for 40 s.
     connect_timeout_seconds: float = Field(6, gt=0, le=600, allow_inf_nan=False)
+    # How long a run waits for a broker that went away mid-run (restarted, rescheduled) before it
+    # stops and says why; nothing is lost or repeated meanwhile: offsets are committed only once
+    # the broker takes them.
+    reconnect_timeout_seconds: float = Field(60, gt=0, le=3600, allow_inf_nan=False)
 
     _split_servers = field_validator("bootstrap_servers", mode="before")(_split_commas)
 
@@ -153,6 +157,9 @@ class RaySettings(_Section):
     queue_max_batches: int = Field(
         8, ge=1, le=10_000, description="bound of each inter-actor queue"
     )
+    # How long a run waits for a cluster to place its actors (an autoscaler adding nodes takes
+    # minutes) before it stops and says what the cluster has.
+    resource_timeout_seconds: float = Field(600, gt=0, le=86_400, allow_inf_nan=False)
 
 
 class ModelSettings(_Section):
@@ -460,6 +467,17 @@ def kafka_consumer_options(kafka: KafkaSettings) -> dict[str, Any]:
     return kafka_client_options(kafka) | {"fetch_max_wait_ms": kafka.fetch_max_wait_ms}
 
 
+def kafka_producer_options(kafka: KafkaSettings) -> dict[str, Any]:
+    """`kafka_client_options` for a producer inside a run: a send may wait for a broker that went
+    away (and a record may stay undelivered) as long as the run waits for it."""
+    patience_ms = round((kafka.reconnect_timeout_seconds + kafka.connect_timeout_seconds) * 1000)
+    return kafka_client_options(kafka) | {
+        "max_block_ms": patience_ms,
+        # kafka-python wants at least its request timeout (30 s) plus the linger time
+        "delivery_timeout_ms": patience_ms + 31_000,
+    }
+
+
 def kafka_client_options(kafka: KafkaSettings) -> dict[str, Any]:
     """Keyword arguments for kafka-python clients (producer, consumer, admin) from the settings."""
     if not kafka.bootstrap_servers:
@@ -469,6 +487,9 @@ def kafka_client_options(kafka: KafkaSettings) -> dict[str, Any]:
         "client_id": kafka.client_id,
         "security_protocol": kafka.security_protocol,
         "bootstrap_timeout_ms": round(kafka.connect_timeout_seconds * 1000),
+        # A broker that went away is looked for every second: kafka-python's default backs off to
+        # 30 s between tries, and left a broker that came back unused for that long.
+        "reconnect_backoff_max_ms": 1000,
     }
     if kafka.security_protocol.startswith("SASL_"):
         options["sasl_mechanism"] = kafka.sasl_mechanism

@@ -8,6 +8,11 @@ is safe to commit (with metadata to resume from). When the queue is full the sou
 partitions and keeps polling, so the group does not think it died: a slow consumer slows
 consumption instead of growing memory.
 
+A broker that goes away is waited for: requests that fail for want of one are retried, and an
+idle consumer asks for its partitions' end offsets now and then to notice; the `BrokerWatch` ends
+the run once no broker has answered for `kafka.reconnect_timeout_seconds`. Nothing is committed
+meanwhile, so nothing is lost or repeated whether the broker comes back or not.
+
 Rebalances: a revoked partition's safe offset is committed before it is given up (the listener
 runs on kafka-python's IO thread and awaits the commit); a newly assigned partition is handed to
 the stage, with its committed offset and metadata, before its first records are processed.
@@ -38,6 +43,7 @@ from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 from ray.util.queue import Empty, Full, Queue
 
+from pipeline.kafka_check import BrokerWatch
 from pipeline.ray_runtime import pack
 
 log = logging.getLogger(__name__)
@@ -47,6 +53,8 @@ _NO_COMMIT = OffsetAndMetadata(-1, "", -1)  # a partition with no commit yet
 # A record's timestamp type (Kafka's TimestampType): the producer's CreateTime or the broker's
 # LogAppendTime (a topic with message.timestamp.type=LogAppendTime).
 CREATE_TIME, LOG_APPEND_TIME = 0, 1
+AWAY = object()  # what `KafkaSourceActor._ask` returns when no broker answered
+PROBE_INTERVAL_S = 1.0  # how often an idle source checks that a broker still answers
 
 
 def partition_name(tp: TopicPartition) -> str:
@@ -117,7 +125,7 @@ class Stage(Protocol):
 class DeadLetterSink(Protocol):
     def send(self, letters: list[Any]) -> None: ...
 
-    def flush(self) -> None: ...
+    def flush(self, timeout_ms: int | None = None) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -215,7 +223,8 @@ class _Rebalance(AsyncConsumerRebalanceListener):
 class KafkaSourceActor:
     """Polls `topics` in consumer group `group_id` and puts the stage's work items on `out`, each
     packed (`pipeline.ray_runtime.unpack` gives it back);
-    `flush_downstream`, called while draining, asks the sink to make what it holds durable now."""
+    `flush_downstream`, called while draining, asks the sink to make what it holds durable now;
+    `watch` says how long a broker that went away is waited for (module docstring)."""
 
     def __init__(
         self,
@@ -234,6 +243,7 @@ class KafkaSourceActor:
         commit_interval_s: float = 0.2,
         group_instance_id: str | None = None,
         flush_downstream: Callable[[], None] | None = None,
+        watch: BrokerWatch | None = None,
     ) -> None:
         self._out, self._acks = out, acks
         self._acked: SimpleQueue[Any] = SimpleQueue()  # filled by `acknowledge` on another thread
@@ -243,6 +253,10 @@ class KafkaSourceActor:
         self._max_records, self._poll_timeout_ms = max_records, poll_timeout_ms
         self._commit_interval_s = commit_interval_s
         self._flush_downstream = flush_downstream
+        # Without a watch a request waits as long as kafka-python's own timeouts say, then fails.
+        self._watch = watch
+        self._timeout_ms = watch.request_timeout_ms if watch is not None else None
+        self._heard_at = time.monotonic()  # the last answer from a broker (or the last probe)
         self._stopping = threading.Event()
         self._joined = False
         self._paused_at: float | None = None
@@ -299,6 +313,7 @@ class KafkaSourceActor:
             self._maybe_report()
             polled_at, cpu_at = time.time(), time.process_time()
             records = self._poll(self._poll_timeout_ms)
+            self._check_broker(bool(records))
             if records:
                 idle_since = time.monotonic()
                 clock.setdefault("first_record_at", polled_at)  # the clock includes that fetch
@@ -378,7 +393,9 @@ class KafkaSourceActor:
         for tp, messages in polled.items():
             if tp not in self._known:
                 # A new assignment: the stage resumes from the committed offset and its metadata.
-                self._stage.assign(tp, self._consumer.committed(tp, metadata=True))
+                while (committed := self._ask(self._consumer.committed, tp, True)) is AWAY:
+                    pass
+                self._stage.assign(tp, committed)
                 self._known.add(tp)
             records += [source_record(m) for m in messages]
             self._next[tp] = messages[-1].offset + 1
@@ -444,7 +461,8 @@ class KafkaSourceActor:
         if not offsets:
             return
         try:
-            self._consumer.commit(offsets)
+            if self._ask(self._consumer.commit, offsets) is AWAY:
+                return
         except KafkaError as error:  # a rebalance is under way; its listener commits
             log.warning("commit failed: %r", error)
             return
@@ -462,9 +480,9 @@ class KafkaSourceActor:
             for tp, point in points.items()
             if tp in partitions and point.offset > self._committed.get(tp, _NO_COMMIT).offset
         }
-        if offsets and self._dead_letters is not None:
-            self._dead_letters.flush()  # dead letters below the offsets must be in their topic
-        return offsets
+        # Dead letters below the offsets must be in their topic first.
+        flushed = not offsets or self._dead_letters is None or self._ask(self._dead_letters.flush)
+        return {} if flushed is AWAY else offsets
 
     def _forget(self, partitions: set[TopicPartition]) -> None:
         for tp in partitions:
@@ -479,8 +497,37 @@ class KafkaSourceActor:
         assigned = self._consumer.assignment()
         if not assigned:
             return True
-        ends = self._consumer.end_offsets(list(assigned))
-        return all(self._consumer.position(tp) >= ends[tp] for tp in assigned)
+        ends = self._ask(self._consumer.end_offsets, list(assigned))
+        return ends is not AWAY and all(self._consumer.position(tp) >= ends[tp] for tp in assigned)
+
+    def _check_broker(self, polled: bool) -> None:
+        """Polled records prove a broker answers; an idle poll does not tell a quiet topic from
+        a broker that went away, so now and then ask for the end offsets (the watch counts)."""
+        now = time.monotonic()
+        if polled:
+            self._heard_at = now
+            if self._watch is not None:
+                self._watch.reached()
+        elif self._watch is not None and now - self._heard_at >= PROBE_INTERVAL_S:
+            self._heard_at = now
+            if assigned := self._consumer.assignment():
+                self._ask(self._consumer.end_offsets, list(assigned))
+
+    def _ask(self, call: Callable[..., Any], *args: Any) -> Any:
+        """`call(*args, timeout_ms=...)`, a request to the broker; AWAY when it failed for want of
+        one (a retriable error), which the watch counts, and raises for once it lasted too long."""
+        started = time.monotonic()
+        try:
+            answer = call(*args, timeout_ms=self._timeout_ms)
+        except KafkaError as error:
+            if not error.retriable or self._watch is None:
+                raise
+            self._watch.missed(error, started)
+            return AWAY
+        if self._watch is not None:
+            self._heard_at = time.monotonic()
+            self._watch.reached()
+        return answer
 
     def _drain(self, timeout_s: float) -> None:
         self._confirm_put()

@@ -125,6 +125,8 @@ BAD_SETTINGS = [
     (["--set", "windows.size_seconds=inf"], {}, ["windows.size_seconds", "finite"]),
     (["--set", "windows.size_seconds=0.0001"], {}, ["windows.size_seconds", "0.001"]),
     (["--set", "windows.allowed_lateness_seconds=inf"], {}, ["allowed_lateness_seconds"]),
+    (["--set", "kafka.reconnect_timeout_seconds=0"], {}, ["kafka.reconnect_timeout_seconds"]),
+    (["--set", "ray.resource_timeout_seconds=inf"], {}, ["ray.resource_timeout_seconds"]),
     (["--set", "windows.kind=sliding", "--set", "windows.slide_seconds=nan"], {}, ["slide"]),
     ([], {"CALM_STREAM_KAFKA": "garbage"}, ["CALM_STREAM_KAFKA", "CALM_STREAM_KAFKA__<FIELD>"]),
     ([], {"CALM_STREAM_KAFKA__GROUP_ID__TYPO": "x"}, ["CALM_STREAM_KAFKA__GROUP_ID__TYPO"]),
@@ -222,3 +224,87 @@ def test_actors_that_ask_for_more_cpus_than_the_local_ray_has_are_refused(tmp_pa
     assert len(lines) == 1, lines
     assert "ray.inference_actor_cpus = 1 × 0.5 + 1 × 4 = 4.5 CPUs" in lines[0]
     assert "more than the 2 of the local Ray (ray.num_cpus)" in lines[0]
+
+
+def join(broker: LocalKafka, *flags: str) -> list[str]:
+    """--set flags for a run that joins the test's Ray cluster (2 CPUs, no autoscaler) with
+    an inference actor of 4 CPUs."""
+    import ray
+
+    values = {
+        "ray.address": ray.get_runtime_context().gcs_address,
+        "ray.inference_actor_cpus": "4",
+        "metrics.port": "0",
+        "kafka.bootstrap_servers": broker.bootstrap_servers,
+    }
+    return [arg for name, value in values.items() for arg in ("--set", f"{name}={value}")]
+
+
+def test_actors_a_cluster_may_place_later_wait_a_bounded_time_saying_so(
+    tmp_path: Path, ray_local: None, kafka_broker: LocalKafka
+) -> None:
+    # No autoscaler said what it adds: nodes of 4 CPUs may come, the run waits for them.
+    flags = join(kafka_broker)
+    lines = cli(
+        tmp_path, *flags, "--set", "ray.resource_timeout_seconds=12", "run", "--passthrough"
+    )
+    waits = [line for line in lines if "waiting for the Ray cluster to place 1 of 1" in line]
+    assert waits and "(ray.resource_timeout_seconds)" in waits[0], lines
+    errors = [line for line in lines if line.startswith("error:")]
+    assert errors == [lines[-1]], lines  # one line, the last
+    assert (
+        "error: ray.resource_timeout_seconds=12: the Ray cluster placed 0 of 1 inference "
+        in (errors[0])
+    )
+    assert "actors of 4 CPUs (ray.inference_actor_cpus)" in errors[0]
+    assert "it has 2 CPUs in 1 nodes (largest 2)" in errors[0]
+
+
+def test_actors_no_node_the_autoscaler_adds_can_hold_are_refused_at_start(
+    tmp_path: Path, ray_local: None, kafka_broker: LocalKafka
+) -> None:
+    from ray._raylet import GCS_AUTOSCALER_CLUSTER_CONFIG_KEY, GCS_AUTOSCALER_STATE_NAMESPACE
+    from ray.core.generated.autoscaler_pb2 import ClusterConfig
+    from ray.experimental.internal_kv import _internal_kv_del, _internal_kv_put
+
+    # What an autoscaler (v2, KubeRay's) reports to the GCS: it adds up to 3 nodes of 2 CPUs.
+    config = ClusterConfig()
+    group = config.node_group_configs.add()
+    group.resources["CPU"], group.max_count = 2, 3
+    where = {"namespace": GCS_AUTOSCALER_STATE_NAMESPACE}
+    _internal_kv_put(GCS_AUTOSCALER_CLUSTER_CONFIG_KEY, config.SerializeToString(), **where)
+    try:
+        lines = cli(tmp_path, *join(kafka_broker), "run", "--passthrough")
+    finally:
+        _internal_kv_del(GCS_AUTOSCALER_CLUSTER_CONFIG_KEY, **where)
+    errors = [line for line in lines if line.startswith("error:")]
+    assert errors == [lines[-1]], lines
+    assert (
+        "error: ray.inference_actor_cpus=4: no node of the Ray cluster can ever hold" in (errors[0])
+    )
+    assert "it has 2 CPUs in 1 nodes (largest 2)" in errors[0]
+    assert "its autoscaler adds nodes of up to 2 CPUs" in errors[0]
+    assert not any("waiting for the Ray cluster" in line for line in lines)
+
+
+def test_a_broker_away_is_waited_for_its_window_then_named_in_one_line() -> None:
+    import pickle
+    import time
+
+    from kafka.errors import KafkaConnectionError
+
+    from pipeline.kafka_check import BrokerWatch, KafkaUnavailable
+    from pipeline.settings import KafkaSettings
+
+    kafka = KafkaSettings(bootstrap_servers=["127.0.0.1:9"], reconnect_timeout_seconds=30)
+    watch = pickle.loads(pickle.dumps(BrokerWatch(kafka, "source-0")))  # as it reaches its actor
+    refused = KafkaConnectionError("111 ECONNREFUSED")
+    watch.missed(refused, time.monotonic() - 29)  # away 29 s: within the window
+    watch.reached()  # back: the clock starts again
+    watch.missed(refused, time.monotonic() - 29)
+    with pytest.raises(KafkaUnavailable) as lost:
+        watch.missed(refused, time.monotonic() - 31)  # a request that began before it
+    assert str(lost.value) == (
+        "kafka.bootstrap_servers: no broker (connection refused) at 127.0.0.1:9 for 31 s mid-run "
+        "(kafka.reconnect_timeout_seconds=30)"
+    )
