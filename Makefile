@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-unit test-integration venv kafka-jars go-tools lint clean
+.PHONY: demo test test-unit test-integration venv kafka-jars go-tools browser lint clean
 
 ## demo: the embedded default: a local Kafka broker, a local Ray, simulated IoT and payment
 ## streams and the shipped model bundle; prints results, throughput, cost and where the files are
@@ -14,13 +14,13 @@ demo: $(STAMP) kafka-jars
 	$(VENV)/bin/calm-stream demo
 
 ## test: run every test (unit and integration) against a real Kafka broker and a real local Ray
-test: $(STAMP) kafka-jars go-tools
+test: $(STAMP) kafka-jars go-tools browser
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-test-unit: $(STAMP) go-tools
+test-unit: $(STAMP) go-tools browser
 	$(PY) -m pytest -m "not integration" $(PYTEST_ARGS)
 
-test-integration: $(STAMP) kafka-jars
+test-integration: $(STAMP) kafka-jars browser
 	$(PY) -m pytest -m integration $(PYTEST_ARGS)
 
 venv: $(STAMP)
@@ -40,6 +40,10 @@ kafka-jars: $(STAMP)
 ## go-tools: build helm and kubeconform from their Go modules into the user cache (once)
 go-tools:
 	bash deploy/tools/install-go-tools.sh
+
+## browser: Debian's chromium for the report-page tests (apt-get, once; Playwright drives it)
+browser:
+	bash deploy/tools/install-browser.sh
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check model operators pipeline deploy tests

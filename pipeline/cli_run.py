@@ -17,6 +17,7 @@ import json
 import logging
 import signal
 import threading
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -104,9 +105,18 @@ def report_command(
         str | None,
         typer.Argument(help="A sink root, e.g. a demo run's directory (default: sinks.root)."),
     ] = None,
+    html: Annotated[
+        Path | None,
+        typer.Option(
+            "--html",
+            help="Write the figures as a page of charts to this file instead (self-contained: "
+            "opens offline in a browser) and print its path.",
+        ),
+    ] = None,
 ) -> None:
     """What a sink root holds, from its Parquet files: rows, tokens, steps, $ per 1k tokens next to
-    the discrete baseline's, latency percentiles, dead letters by reason. Prints JSON."""
+    the discrete baseline's, latency percentiles, fact accuracy, dead letters by reason. Prints
+    JSON; with --html, writes the same figures over time as charts."""
     from pipeline.report import sink_report
     from pipeline.sinks import SinkError, local_root
 
@@ -116,7 +126,15 @@ def report_command(
         raise fail(error) from None
     if not path.is_dir():
         raise fail(f"no sink root at {path}")
-    print(json.dumps(sink_report(path), indent=2))
+    if html is None:
+        print(json.dumps(sink_report(path), indent=2))
+        return
+    from pipeline.report_html import write_html_report
+
+    try:
+        print(write_html_report(path, html))
+    except OSError as error:
+        raise fail(f"--html: cannot write {html}: {error.strerror or error}") from None
 
 
 def bench_pipeline_command(

@@ -3,7 +3,8 @@
 With no Kafka configured a throwaway local broker is started (pipeline.embedded); simulated IoT
 readings and card payments, with a few malformed, late, reordered and duplicated messages, are
 sent to fresh topics; the pipeline runs on a local Ray with the shipped model bundle until the
-input is consumed; then a short table shows results, throughput, cost and where the files are.
+input is consumed; then a short table shows results, throughput, cost and where the files are, and
+a page of charts (`report.html`, as `calm-stream report --html` writes it) goes beside the data.
 Each demo run writes under its own directory (and consumer group), so runs never mix.
 """
 
@@ -25,6 +26,7 @@ from pipeline.embedded import kafka_or_local
 from pipeline.job import JobOptions, JobReport, ensure_topics, run_pipeline
 from pipeline.producer import KafkaSink, produce
 from pipeline.report import sink_report
+from pipeline.report_html import write_html_report
 from pipeline.settings import Settings, kafka_client_options
 from pipeline.simulator import Mess, simulate
 from pipeline.sinks import RESULT_SCHEMA, read_dataset
@@ -107,6 +109,9 @@ def run_demo(
         console.print("running the pipeline on a local Ray until the input is consumed ...")
         report = run_pipeline(settings, JobOptions(until_idle_s=2.0))
     show(report, console)
+    root = Path(report.paths["results"]).parent
+    page = write_html_report(root, root / "report.html")
+    console.print(f"charts of this run (open in a browser): {page}", highlight=False)
     return report
 
 

@@ -10,6 +10,7 @@ place).
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,11 +47,32 @@ def _faithfulness(results: pa.Table) -> dict[str, Any]:
     }
 
 
+@dataclass(frozen=True)
+class SinkTables:
+    """The committed rows of a sink root's three datasets (empty tables where none are)."""
+
+    root: Path
+    results: pa.Table
+    telemetry: pa.Table
+    dlq: pa.Table
+
+
+def read_sink(root: Path) -> SinkTables:
+    return SinkTables(
+        root,
+        read_dataset(root / "results", schema=RESULT_SCHEMA),
+        read_dataset(root / "telemetry", schema=TELEMETRY_SCHEMA),
+        read_dataset(root / "dlq", schema=DEAD_LETTER_SCHEMA),
+    )
+
+
 def sink_report(root: Path) -> dict[str, Any]:
     """Summary of the `results/`, `telemetry/` and `dlq/` datasets under `root`."""
-    results = read_dataset(root / "results", schema=RESULT_SCHEMA)
-    telemetry = read_dataset(root / "telemetry", schema=TELEMETRY_SCHEMA)
-    dlq = read_dataset(root / "dlq", schema=DEAD_LETTER_SCHEMA)
+    return summarize(read_sink(root))
+
+
+def summarize(sink: SinkTables) -> dict[str, Any]:
+    root, results, telemetry, dlq = sink.root, sink.results, sink.telemetry, sink.dlq
     tokens = int(_total(telemetry, "tokens_out"))
     steps = int(_total(telemetry, "steps"))
     dollars, baseline = _total(telemetry, "dollars"), _total(telemetry, "baseline_dollars")

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import itertools
 import shutil
+import threading
+import time
+import urllib.request
 from collections import Counter
-from collections.abc import Container
+from collections.abc import Callable, Container
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow.dataset as ds
 
@@ -21,6 +24,9 @@ from operators.windows import ClosedWindow, Windower, WindowSpec
 from pipeline.producer import KafkaSink, produce
 from pipeline.settings import Settings
 from pipeline.simulator import Mess, Message, simulate
+
+if TYPE_CHECKING:
+    from pipeline.job import JobOptions, JobReport
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -263,3 +269,35 @@ def read_back(root: Path, dataset: str) -> Any:
         return None
     found = ds.dataset(path, format="parquet", partitioning="hive")
     return found.to_table() if found.files else None
+
+
+def run_scraped(
+    settings: Settings, options: JobOptions, enough: Callable[[str], bool]
+) -> tuple[JobReport, str]:
+    """run_pipeline(settings, options) while its metrics endpoint (settings.metrics.port) is
+    scraped until a scrape is `enough`, or to the run's end (then the last scrape): the endpoint
+    lives only as long as the run's sink. The job's report and the scrape."""
+    from pipeline.job import run_pipeline
+
+    url = f"http://127.0.0.1:{settings.metrics.port}/metrics"
+    done, scraped = threading.Event(), [""]
+
+    def scrape() -> None:
+        while not done.is_set():
+            try:
+                scraped[0] = urllib.request.urlopen(url, timeout=2).read().decode()
+            except OSError:  # the sink, which serves the endpoint, is not up (yet, or any more)
+                time.sleep(0.2)
+                continue
+            if enough(scraped[0]):
+                return
+            time.sleep(0.2)
+
+    scraper = threading.Thread(target=scrape)
+    scraper.start()
+    try:
+        report = run_pipeline(settings, options)
+    finally:
+        done.set()
+        scraper.join()
+    return report, scraped[0]

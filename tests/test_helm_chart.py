@@ -21,6 +21,7 @@ from typing import Any
 import jsonschema
 import pytest
 import yaml
+from dashboard_queries import series_of
 from helm_render import (
     CHART,
     CHART_MANAGED_SETTINGS,
@@ -402,7 +403,6 @@ DASHBOARD_PANELS = {
     "calm vs discrete baseline": {"calm_cost_dollars_total", "calm_baseline_cost_dollars_total"},
     "fact accuracy": {"calm_summary_fact_accuracy_bucket", "calm_summary_invented_facts_total"},
 }
-SERIES = re.compile(r"\b((?:calm|gen_ai)_[a-z0-9_]+)\b")
 
 
 def test_grafana_dashboard_reads_the_pipelines_metrics() -> None:
@@ -416,7 +416,7 @@ def test_grafana_dashboard_reads_the_pipelines_metrics() -> None:
     dashboard = json.loads(board["data"]["calm-stream.json"])
     queried = {
         panel["title"].lower(): {
-            name for target in panel["targets"] for name in SERIES.findall(target["expr"])
+            name for target in panel["targets"] for name in series_of(target["expr"])
         }
         for panel in dashboard["panels"]
     }

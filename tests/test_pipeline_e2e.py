@@ -7,9 +7,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import threading
-import time
-import urllib.request
 from collections import Counter
 
 import pyarrow.compute as pc
@@ -20,6 +17,7 @@ from pipeline_helpers import (
     read_back,
     read_topic,
     reference_windows,
+    run_scraped,
     send,
     tiny_registry,
 )
@@ -28,7 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from deploy.local_kafka import _free_ports
 from operators.facts import reference_facts, score
 from operators.stats import window_stats
-from pipeline.job import JobOptions, run_pipeline
+from pipeline.job import JobOptions
 from pipeline.simulator import Mess
 
 MESS = Mess(late=0.02, reordered=0.03, duplicate=0.02, malformed=0.03)
@@ -39,20 +37,11 @@ def registry(tmp_path_factory):
     return tiny_registry(tmp_path_factory)
 
 
-def scrape_while_running(url: str, done: threading.Event) -> str:
-    """The first scrape of the endpoint that shows committed results (or the last one)."""
-    text = ""
-    while not done.is_set():
-        try:
-            text = urllib.request.urlopen(url, timeout=2).read().decode()
-        except OSError:  # the sink, which serves the endpoint, is not up (yet, or any more)
-            time.sleep(0.2)
-            continue
-        for family in text_string_to_metric_families(text):
-            if family.name == "calm_results_committed" and family.samples[0].value > 0:
-                return text
-        time.sleep(0.2)
-    return text
+def shows_results(text: str) -> bool:
+    return any(
+        family.name == "calm_results_committed" and family.samples[0].value > 0
+        for family in text_string_to_metric_families(text)
+    )
 
 
 def test_every_window_once_every_bad_message_in_the_dlq_offsets_at_the_end(
@@ -72,17 +61,7 @@ def test_every_window_once_every_bad_message_in_the_dlq_offsets_at_the_end(
     sent += send(settings, "transactions", 250, seed=4, entities=25, mess=MESS)
     topics = settings.kafka.topics
 
-    done, scraped = threading.Event(), {}
-    url = f"http://127.0.0.1:{port}/metrics"
-    scraper = threading.Thread(
-        target=lambda: scraped.setdefault("text", scrape_while_running(url, done))
-    )
-    scraper.start()
-    try:
-        report = run_pipeline(settings, JobOptions(until_idle_s=1.0))
-    finally:
-        done.set()
-        scraper.join()
+    report, text = run_scraped(settings, JobOptions(until_idle_s=1.0), shows_results)
 
     results = read_back(tmp_path / "sink", "results")
     keys = results.column("key").to_pylist()
@@ -168,7 +147,6 @@ def test_every_window_once_every_bad_message_in_the_dlq_offsets_at_the_end(
     )
 
     # The live endpoint showed the OpenTelemetry GenAI and calm_ metrics.
-    text = scraped["text"]
     for name in (
         "gen_ai_client_token_usage_bucket",
         "gen_ai_server_time_to_first_token_seconds",
