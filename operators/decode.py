@@ -37,6 +37,7 @@ class Reason(StrEnum):
     NON_POSITIVE_AMOUNT = "non_positive_amount"
     FUTURE_TIMESTAMP = "future_timestamp"
     INVALID_VALUE = "invalid_value"
+    CONTROL_CHARACTER = "control_character"  # in free text (a merchant's or a site's name)
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,7 @@ def _from_validation_error(error: ValidationError) -> DecodeError:
         "missing": Reason.MISSING_FIELD,
         "extra_forbidden": Reason.UNKNOWN_FIELD,
         "finite_number": Reason.NOT_FINITE,
+        "control_character": Reason.CONTROL_CHARACTER,
     }.get(kind)
     if reason is None and field == "amount" and kind == "greater_than":
         reason = Reason.NON_POSITIVE_AMOUNT

@@ -3,9 +3,12 @@
 Every event carries `kind` (which schema) and `schema_version` (which revision of it), so a
 consumer can refuse what it does not understand instead of guessing. The models are strict:
 on the wire a number is a number, a flag is a boolean, a timestamp is an ISO-8601 string with
-a UTC offset. Identifiers are restricted to a safe alphabet because they end up in prompts.
+a UTC offset. Identifiers are restricted to a safe alphabet because they end up in prompts; names
+the world writes in its own scripts (a merchant, a site) are free text: any Unicode, NFC-normalised
+and trimmed, bounded in characters and in UTF-8 bytes, without control characters.
 """
 
+import unicodedata
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Annotated, Literal
@@ -19,6 +22,7 @@ from pydantic import (
     TypeAdapter,
     field_validator,
 )
+from pydantic_core import PydanticCustomError
 
 SCHEMA_VERSION = 1
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -28,7 +32,39 @@ _MS = timedelta(milliseconds=1)  # built once: this is on every event's path
 _LAST = datetime(9000, 1, 1, tzinfo=UTC)
 
 Identifier = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")]
-Label = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9 &'.,_-]{0,63}$")]
+FREE_TEXT_CHARS = 64
+# The tokenizer is byte-level: bytes, not characters, are what a name costs in a prompt.
+FREE_TEXT_BYTES = 128
+# Characters a name may not hold: they would break a prompt's lines or reorder what a reader sees.
+_CONTROL_CATEGORIES = {"Cc", "Cs", "Zl", "Zp"}  # C0/C1 controls, lone surrogates, line breaks
+_BIDI_CONTROLS = {"LRE", "RLE", "LRO", "RLO", "PDF", "LRI", "RLI", "FSI", "PDI"}
+
+
+def _free_text(text: str) -> str:
+    text = unicodedata.normalize("NFC", text)
+    if not text.isprintable():  # the fast path lets every printable name through
+        for i, char in enumerate(text):
+            if (
+                unicodedata.category(char) in _CONTROL_CATEGORIES
+                or unicodedata.bidirectional(char) in _BIDI_CONTROLS
+            ):
+                raise PydanticCustomError(
+                    "control_character",
+                    "control character {code} at character {at} is not allowed",
+                    {"code": f"U+{ord(char):04X}", "at": i},
+                )
+    text = text.strip()  # after the check: strip() would drop controls such as U+0085
+    if not text:
+        raise ValueError("must not be blank")
+    if len(text) > FREE_TEXT_CHARS:
+        raise ValueError(f"at most {FREE_TEXT_CHARS} characters, got {len(text)}")
+    size = len(text.encode())
+    if size > FREE_TEXT_BYTES:
+        raise ValueError(f"at most {FREE_TEXT_BYTES} bytes in UTF-8, got {size}")
+    return text
+
+
+FreeText = Annotated[str, AfterValidator(_free_text)]
 
 
 def _utc_in_range(ts: datetime) -> datetime:
@@ -66,7 +102,7 @@ class IotReading(_Event):
 
     kind: Literal["iot"] = "iot"
     device_id: Identifier
-    site: Identifier
+    site: FreeText
     seq: Annotated[int, Field(ge=0, lt=2**63)]  # per-device sequence number: the dedupe id
     ts: UtcTimestamp
     metrics: Annotated[tuple[Metric, ...], Field(min_length=1, max_length=16)]
@@ -88,7 +124,7 @@ class Transaction(_Event):
     kind: Literal["transaction"] = "transaction"
     txn_id: Identifier
     account_id: Identifier
-    merchant: Label
+    merchant: FreeText
     category: Annotated[str, Field(pattern=r"^[a-z][a-z_]{0,31}$")]  # MCC group, e.g. grocery
     amount: Annotated[Decimal, Field(gt=0, max_digits=18, decimal_places=4, allow_inf_nan=False)]
     currency: Annotated[str, Field(pattern=r"^[A-Z]{3}$")]  # ISO 4217 alphabetic code

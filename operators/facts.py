@@ -31,8 +31,10 @@ ANOMALY_PATTERNS: dict[str, re.Pattern[str]] = {
 }
 NO_ANOMALY = re.compile(r"\bno anomal(?:y|ies)\b|\bnothing unusual\b|\ball normal\b", re.IGNORECASE)
 SEVERITY = re.compile(r"\b(low|medium|high)\b", re.IGNORECASE)
-ENTITY = re.compile(r"\b[a-z]+-\d+\b")
-NUMBER = re.compile(r"(?<![\w.])[-+]?\d+(?:\.\d+)?")
+# Digits are ASCII digits: names in other scripts (a merchant's, a site's) may hold other
+# digits (fullwidth, Arabic-Indic), which are part of the name, not numbers a summary states.
+ENTITY = re.compile(r"\b[a-z]+-[0-9]+\b")
+NUMBER = re.compile(r"(?<![\w.])[-+]?[0-9]+(?:\.[0-9]+)?")
 SENTENCE_END = re.compile(r"(?<=[.!?;])\s+|\n+")
 
 

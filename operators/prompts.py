@@ -21,6 +21,7 @@ def _iot_lines(s: IotStats) -> list[str]:
     lines = [f"iot {s.entity} {s.site} n={s.count}"]
     lines += [
         f"{m.name} {m.unit} mean {m.mean.text} min {m.min.text} max {m.max.text} trend {m.trend.text}/h"
+        + (" unit unknown" if m.unknown_unit else "")  # no thresholds in this unit: not judged
         for m in s.metrics
     ]
     if s.not_ok:

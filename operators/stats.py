@@ -62,6 +62,7 @@ class MetricStats:
     max: Quantity
     mean: Quantity
     trend: Quantity  # per hour
+    unknown_unit: bool = False  # the metric has thresholds, none in this unit: not judged
 
 
 @dataclass(frozen=True)
@@ -92,22 +93,66 @@ class TxnStats:
 WindowStats = IotStats | TxnStats
 
 
+# The size of one unit in its family's base unit, for differences (a trend, the noise): a
+# temperature difference of 1 °F is 5/9 K whatever the offset. Units are written as readings write
+# them; a spelling not listed here is an unknown unit.
+UNIT_FAMILIES: dict[str, tuple[str, float]] = {
+    "°C": ("temperature", 1.0), "degC": ("temperature", 1.0), "K": ("temperature", 1.0),
+    "°F": ("temperature", 5 / 9), "degF": ("temperature", 5 / 9),
+    "mW": ("power", 1e-3), "W": ("power", 1.0), "kW": ("power", 1e3), "MW": ("power", 1e6),
+    "GW": ("power", 1e9),
+    "Pa": ("pressure", 1.0), "hPa": ("pressure", 100.0), "mbar": ("pressure", 100.0),
+    "kPa": ("pressure", 1e3), "MPa": ("pressure", 1e6), "bar": ("pressure", 1e5),
+    "psi": ("pressure", 6894.757293168361), "atm": ("pressure", 101325.0),
+    "mmHg": ("pressure", 133.322387415), "inHg": ("pressure", 3386.389),
+    "mm/s": ("speed", 1e-3), "cm/s": ("speed", 1e-2), "m/s": ("speed", 1.0),
+    "in/s": ("speed", 0.0254),
+    "%": ("ratio", 1.0), "%RH": ("ratio", 1.0),
+}  # fmt: skip
+
+
 @dataclass(frozen=True)
 class MetricRule:
-    """Detection thresholds of one metric, in its own unit."""
+    """Detection thresholds of one metric, in `unit`."""
 
+    unit: str
     noise_floor: float  # the sensor's noise spec: a partly flat series must not shrink the scale
     drift_per_hour: float  # |trend| above this is a drift
 
+    def in_unit(self, unit: str) -> "MetricRule | None":
+        """The same thresholds in `unit`, or None where `unit` is not of this rule's family."""
+        family, size = UNIT_FAMILIES.get(unit, ("", 0.0))
+        own_family, own_size = UNIT_FAMILIES[self.unit]
+        if family != own_family:
+            return None
+        factor = own_size / size
+        return MetricRule(unit, self.noise_floor * factor, self.drift_per_hour * factor)
 
-# Thresholds for the metrics our devices report; an unknown metric gets spike checks only.
+
+# Thresholds for the metrics our devices report, in the simulator's units; a reading in another
+# unit of the same family is judged by the converted thresholds, one in a unit that does not
+# convert is not judged (no spike or drift; `MetricStats.unknown_unit`); an unknown metric gets
+# spike checks only.
 METRIC_RULES: dict[str, MetricRule] = {
-    "temperature": MetricRule(noise_floor=0.1, drift_per_hour=7.0),
-    "humidity": MetricRule(noise_floor=0.3, drift_per_hour=20.0),
-    "pressure": MetricRule(noise_floor=0.2, drift_per_hour=12.0),
-    "vibration": MetricRule(noise_floor=0.05, drift_per_hour=3.0),
-    "power": MetricRule(noise_floor=0.3, drift_per_hour=18.0),
+    "temperature": MetricRule("°C", noise_floor=0.1, drift_per_hour=7.0),
+    "humidity": MetricRule("%", noise_floor=0.3, drift_per_hour=20.0),
+    "pressure": MetricRule("hPa", noise_floor=0.2, drift_per_hour=12.0),
+    "vibration": MetricRule("mm/s", noise_floor=0.05, drift_per_hour=3.0),
+    "power": MetricRule("kW", noise_floor=0.3, drift_per_hour=18.0),
 }
+
+
+@functools.lru_cache(maxsize=256)
+def metric_rule(name: str, unit: str) -> tuple[MetricRule | None, bool]:
+    """The thresholds of (metric, unit), and whether the unit is unknown for a metric that has
+    thresholds (then there are none to judge it by)."""
+    rule = METRIC_RULES.get(name)
+    if rule is None:
+        return None, False
+    converted = rule.in_unit(unit)
+    return converted, converted is None
+
+
 SPIKE_Z = 8.0  # robust z-score of a residual that counts as a spike
 STUCK_MIN_READINGS = 8  # identical consecutive values that count as a stuck sensor
 DROPOUT_MIN_MS = 60_000  # a silence this long, and ...
@@ -125,7 +170,7 @@ def iot_stats(key: str, start_ms: int, end_ms: int, readings: Sequence[IotReadin
         raise ValueError("a window has at least one reading")
     t = np.array([event_time_ms(r) for r in readings], dtype=np.int64)
     metrics, anomalies = [], []
-    for name, (unit, rows, values) in _metric_columns(readings).items():
+    for (name, unit), (rows, values) in _metric_columns(readings).items():
         stats, found = _metric_window(name, unit, t[rows], np.array(values))
         metrics.append(stats)
         anomalies.extend(found)
@@ -145,20 +190,21 @@ def iot_stats(key: str, start_ms: int, end_ms: int, readings: Sequence[IotReadin
     )
 
 
-_Column = tuple[str, list[int], list[float]]  # unit, indices of the readings, values
+_Column = tuple[list[int], list[float]]  # indices of the readings, values
 
 
-def _metric_columns(readings: Sequence[IotReading]) -> dict[str, _Column]:
-    """Per metric name, in order of first appearance: its unit (as first seen), the indices of
-    the readings that report it and their values, in one pass over the window."""
-    columns: dict[str, _Column] = {}
+def _metric_columns(readings: Sequence[IotReading]) -> dict[tuple[str, str], _Column]:
+    """Per (metric, unit), in order of first appearance: the indices of the readings that report
+    it and their values, in one pass over the window (a device that changes units mid-window gets
+    one column per unit: values of different units never mix)."""
+    columns: dict[tuple[str, str], _Column] = {}
     for i, r in enumerate(readings):
         for m in r.metrics:
-            column = columns.get(m.name)
+            column = columns.get((m.name, m.unit))
             if column is None:
-                column = columns[m.name] = (m.unit, [], [])
-            column[1].append(i)
-            column[2].append(m.value)
+                column = columns[m.name, m.unit] = ([], [])
+            column[0].append(i)
+            column[1].append(m.value)
     return columns
 
 
@@ -199,7 +245,7 @@ def theil_sen(t_hours: np.ndarray, y: np.ndarray) -> tuple[float, float]:
 def _metric_window(
     name: str, unit: str, t_ms: np.ndarray, y: np.ndarray
 ) -> tuple[MetricStats, list[Anomaly]]:
-    rule = METRIC_RULES.get(name)
+    rule, unknown_unit = metric_rule(name, unit)
     t_hours = (t_ms - t_ms[0]) / MS_PER_HOUR
     slope, intercept = theil_sen(t_hours, y)
     stats = MetricStats(
@@ -210,16 +256,17 @@ def _metric_window(
         max=Quantity(float(y.max()), 1, unit),
         mean=Quantity(float(y.mean()), 1, unit),
         trend=Quantity(slope, 1, f"{unit}/h", signed=True),
+        unknown_unit=unknown_unit,
     )
-    anomalies = [
-        a
-        for a in (
-            _stuck(name, unit, t_ms, y),
+    judged = (
+        ()
+        if unknown_unit
+        else (
             _spike(name, unit, t_hours, y, slope, intercept, rule),
             _drift(name, unit, slope, rule),
         )
-        if a is not None
-    ]
+    )
+    anomalies = [a for a in (_stuck(name, unit, t_ms, y), *judged) if a is not None]
     return stats, anomalies
 
 
