@@ -5,14 +5,23 @@ It mirrors the torch loop of model/generate.py step for step, so that with the s
 produce the same tokens:
 
 - Ragged batches: each prompt is left-padded with <pad> to a multiple of K (the padding CALM was
-  trained on), then the batch with whole pad chunks that the attention mask hides.
+  trained on), then with whole pad chunks, which the attention mask hides, up to its bucket
+  (the next multiple of PROMPT_BUCKET_TOKENS). Rows of one bucket run together; a batch with
+  rows in several buckets runs them one bucket after the other.
+- Batch invariance: a row's tensors have the same layout alone or in any batch (its pads depend
+  on its own length, its cache grows on the same schedule), so its output never depends on its
+  batch-mates or the batch size. Padding to the batch's longest prompt instead changed the row's
+  hidden states by ~1e-6 (onnxruntime's vectorised reductions over the key axis add the same
+  terms in another order when the real keys sit at another offset); measured in onnxruntime
+  1.32 on AVX2, rows of identical layout give bit-identical outputs at any batch size (the
+  per-row GEMM reductions do not depend on M), which tests/test_batch_invariance.py checks.
 - Prefill runs the backbone graph over every prompt chunk at once; each decode step feeds the
   chunk just produced (K tokens; one for AR) with the KV cache. Rows that finish leave the batch.
 - Stopping: a row ends at its first <eos> (not emitted) or at its token limit; the last chunk is
   truncated, so a row never overshoots, and no step runs for a finished row.
 - Per-request seeds: each row owns a numpy generator that supplies its head noise (the sampler
   graph takes noise as an input) and every uniform its temperature sampler uses, so a row's output
-  depends on its prompt and seed only, never on its batch-mates.
+  depends on its prompt and seed only.
 - Temperature: CALM uses the likelihood-free samplers of model/sampling.py through their
   `draw(rows)` interface (T = 1 is one plain draw; `adaptive` is the default for T < 1: exact
   rejection in growing rounds, a fraction of the approximate rule's 200 candidates when the model
@@ -44,6 +53,9 @@ from operators.chunking import accept_chunk, pad_prompts
 ModelKind = Literal["calm", "ar"]
 SAMPLER_LOGITS_BYTES = 64 << 20
 SamplerName = Literal["exact", "approximate", "adaptive"]
+# A prompt is left-padded to the next multiple of this many tokens (of whole positions), and only
+# prompts of one bucket share engine calls: see "Batch invariance" in the module docstring.
+PROMPT_BUCKET_TOKENS = 32
 
 
 @dataclass(frozen=True)
@@ -78,6 +90,19 @@ class Result:
     finish_reason: str  # "eos" or "length"
     stats: RequestStats
     text: str = ""
+
+
+@dataclass
+class _Progress:
+    """Every request's generator, limit and output so far, filled in bucket by bucket."""
+
+    rngs: list[np.random.Generator]
+    limits: np.ndarray
+    stop_on_eos: bool
+    out: list[list[int]]
+    reasons: list[str]
+    stats: list[RequestStats]
+    start: float  # when generate() was called
 
 
 class _Cache:
@@ -275,6 +300,74 @@ class Engine:
                     f"exceeds the model's {self.max_seq_len} positions"
                 )
 
+    def prefill(
+        self,
+        prompts: list[Sequence[int]],
+        positions: int,
+        rngs: list[np.random.Generator],
+        sampling: Sampling,
+    ) -> tuple[np.ndarray, np.ndarray, _Cache]:
+        """One backbone call over prompts left-padded to `positions` (`padded_positions` of each
+        one's length): each row's last state (AR: logits), the chunks the fused step graph drew
+        from `rngs` (`_draws`) and the KV cache that decode steps extend."""
+        chunks, mask = pad_prompts(prompts, self.k, PAD_ID, positions)
+        inputs = chunks if self.kind == "calm" else chunks[..., 0]
+        cache = _Cache(len(prompts), len(self.past_names), self.n_heads, self.head_dim)
+        hidden, drawn = self._run_backbone(
+            inputs, mask.astype(np.int64), cache, self._draws(rngs, sampling)
+        )
+        return hidden, drawn, cache
+
+    def _run_rows(
+        self,
+        prompts: list[Sequence[int]],
+        rows: np.ndarray,
+        positions: int,
+        p: _Progress,
+        sampling: Sampling,
+    ) -> None:
+        """Generate `rows` (indices into `p`) whose prompts all pad to `positions`: one prefill,
+        then one step per chunk until every row ended (see the module docstring)."""
+        alive, rngs = rows, [p.rngs[i] for i in rows]
+        hidden, drawn, cache = self.prefill(prompts, positions, rngs, sampling)
+        prefilled = time.perf_counter()
+        for i in alive:
+            p.stats[i].prefill_s = prefilled - p.start
+        while True:
+            if drawn.shape[1]:  # sampled by the fused step graph (CALM at T = 1, AR at T > 0)
+                new, cost = drawn[:, 0].reshape(alive.size, self.k), np.ones(alive.size, np.int64)
+            elif self.kind == "calm":
+                new, cost = self._calm_next(hidden, rngs, sampling)
+            else:  # AR at T = 0: `hidden` is the logits
+                new, cost = hidden.argmax(-1)[:, None], np.ones(alive.size, np.int64)
+            keep = np.ones(alive.size, dtype=bool)
+            now = time.perf_counter()
+            for j, i in enumerate(alive):
+                tokens, ended = accept_chunk(
+                    new[j].tolist(), p.limits[i] - len(p.out[i]), EOS_ID, p.stop_on_eos
+                )
+                if ended:
+                    p.reasons[i], keep[j] = "eos", False
+                p.out[i] += tokens
+                p.stats[i].steps += 1
+                p.stats[i].head_samples += int(cost[j])
+                keep[j] &= len(p.out[i]) < p.limits[i]
+                if not keep[j]:
+                    p.stats[i].decode_s = now - prefilled
+            if not keep.any():
+                return
+            if not keep.all():
+                cache.keep(np.flatnonzero(keep))
+            alive, new = alive[keep], new[keep]
+            rngs = [p.rngs[i] for i in alive]
+            step_input = new[:, None] if self.kind == "calm" else new
+            hidden, drawn = self._run_backbone(
+                step_input,
+                np.ones((alive.size, 1), np.int64),
+                cache,
+                self._draws(rngs, sampling),
+            )
+
     def generate(
         self,
         requests: Sequence[Request],
@@ -298,58 +391,27 @@ class Engine:
             )
             for r in requests
         ]
-        out: list[list[int]] = [[] for _ in range(b)]
-        reasons = ["length"] * b
+        progress = _Progress(
+            rngs, limits, stop_on_eos, [[] for _ in range(b)], ["length"] * b, stats, start
+        )
         alive = np.flatnonzero(limits > 0)
-        rngs_alive = [rngs[i] for i in alive]
-        if alive.size:
-            chunks, mask = pad_prompts([requests[i].prompt for i in alive], self.k, PAD_ID)
-            mask = mask.astype(np.int64)
-            inputs = chunks if self.kind == "calm" else chunks[..., 0]
-            cache = _Cache(len(alive), len(self.past_names), self.n_heads, self.head_dim)
-            draws = self._draws(rngs_alive, sampling)
-            hidden, drawn = self._run_backbone(inputs, mask, cache, draws)
-            prefilled = time.perf_counter()
-            for i in alive:
-                stats[i].prefill_s = prefilled - start
-        while alive.size:
-            if drawn.shape[1]:  # sampled by the fused step graph (CALM at T = 1, AR at T > 0)
-                new, cost = drawn[:, 0].reshape(alive.size, self.k), np.ones(alive.size, np.int64)
-            elif self.kind == "calm":
-                new, cost = self._calm_next(hidden, rngs_alive, sampling)
-            else:  # AR at T = 0: `hidden` is the logits
-                new, cost = hidden.argmax(-1)[:, None], np.ones(alive.size, np.int64)
-            keep = np.ones(alive.size, dtype=bool)
-            now = time.perf_counter()
-            for j, i in enumerate(alive):
-                tokens, ended = accept_chunk(
-                    new[j].tolist(), limits[i] - len(out[i]), EOS_ID, stop_on_eos
-                )
-                if ended:
-                    reasons[i], keep[j] = "eos", False
-                out[i] += tokens
-                stats[i].steps += 1
-                stats[i].head_samples += int(cost[j])
-                keep[j] &= len(out[i]) < limits[i]
-                if not keep[j]:
-                    stats[i].decode_s = now - prefilled
-            if not keep.any():
-                break
-            if not keep.all():
-                cache.keep(np.flatnonzero(keep))
-            alive, new = alive[keep], new[keep]
-            rngs_alive = [rngs[i] for i in alive]
-            step_input = new[:, None] if self.kind == "calm" else new
-            draws = self._draws(rngs_alive, sampling)
-            hidden, drawn = self._run_backbone(
-                step_input, np.ones((alive.size, 1), np.int64), cache, draws
-            )
+        buckets = [self.padded_positions(len(requests[i].prompt)) for i in alive]
+        for bucket in sorted(set(buckets)):
+            rows = alive[np.array(buckets) == bucket]
+            self._run_rows([requests[i].prompt for i in rows], rows, bucket, progress, sampling)
+        out, reasons = progress.out, progress.reasons
         results = []
         for i in range(b):
             stats[i].tokens_out = len(out[i])
             text = self.tokenizer.decode(out[i])
             results.append(Result(out[i], reasons[i], stats[i], text))
         return results
+
+    def padded_positions(self, prompt_tokens: int) -> int:
+        """The positions a prompt of `prompt_tokens` ids fills once padded to its bucket: a
+        function of its own length only."""
+        bucket = max(1, PROMPT_BUCKET_TOKENS // self.k)
+        return -(-prompt_tokens // (self.k * bucket)) * bucket
 
     def prompt_ids(self, text: str) -> list[int]:
         """What the model reads for a text prompt: <bos> + its tokens."""

@@ -47,15 +47,16 @@ def split_chunks(ids: Sequence[int] | np.ndarray, k: int) -> np.ndarray:
 
 
 def pad_prompts(
-    prompts: Sequence[Sequence[int]], k: int, pad_id: int
+    prompts: Sequence[Sequence[int]], k: int, pad_id: int, length: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
     """(chunks [B, n, k] int64, chunk mask [B, n] bool) of a ragged batch: each prompt left-padded
     to a multiple of k, then the batch left-padded with whole pad chunks (mask False), so that
-    every row's last chunk lines up at the end."""
+    every row's last chunk lines up at the end; n is the longest prompt's chunks, or `length`
+    where that is more."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token (normally <bos>)")
     aligned = [left_pad_to_multiple(p, k, pad_id).reshape(-1, k) for p in prompts]
-    n = max(len(a) for a in aligned)
+    n = max(length, *(len(a) for a in aligned))
     chunks = np.full((len(prompts), n, k), pad_id, dtype=np.int64)
     mask = np.zeros((len(prompts), n), dtype=bool)
     for i, a in enumerate(aligned):

@@ -4,8 +4,9 @@ Each actor takes lists of `WindowRequest`s off the bounded request queue, tokeni
 (<bos> + text; the engine left-pads it to a multiple of K), and forms batches by a token budget
 (prompt tokens + the output cap of every request) and a latency target (a batch waits at most
 `batch_latency_ms` after its first request). The batch runs in the onnxruntime engine of the
-current bundle; every request's noise is seeded from its row key and the model version, so a
-replayed window yields the byte-identical row.
+current bundle; every request's noise is seeded from its row key and the model version, and the
+engine's output for a row does not depend on its batch-mates, so a replayed window yields the
+byte-identical row whichever batch it lands in.
 
 Hot reload: with `bundle_version = latest` the actor looks at the registry's `latest` pointer
 every few seconds and, when it moved, loads and verifies the new bundle and switches to it
