@@ -30,10 +30,10 @@ import ray
 from ray.util.queue import Empty, Queue
 
 from model.bundle import BundleError, Registry
+from model.chunking import num_left_pads
 from model.config import CALMConfig, config_from_dict
 from model.engine import Engine, Request, Result, Sampling
-from operators.chunking import num_left_pads
-from operators.cost import ar_request_flops, baseline_of, calm_request_flops
+from model.flops import ar_request_flops, baseline_of, calm_request_flops
 from operators.events import from_millis
 from operators.facts import score
 from pipeline.processing import WindowRequest

@@ -8,7 +8,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from operators.chunking import left_pad_to_multiple, num_left_pads, split_chunks
+from model.chunking import left_pad_to_multiple, num_left_pads, split_chunks
 from operators.corpus import SPLITS, assign_splits
 from operators.facts import score
 from pipeline.cli_domain import corpus_app, eval_app

@@ -1,4 +1,4 @@
-"""K-chunk alignment of token ids.
+"""K-chunk alignment of token ids: the model's own padding protocol (prompt in, chunks out).
 
 CALM predicts one continuous vector per chunk of K tokens. A prompt is therefore
 LEFT-padded with the pad id to a multiple of K, so that its last token closes a
