@@ -1021,7 +1021,7 @@ def test_large_numbers_render_as_integers() -> None:
 
 DRIVER = """
 import sys
-from pipeline.cli import app
+from pipeline.cli.app import app
 try:
     app(prog_name="calm-stream")
 finally:

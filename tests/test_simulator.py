@@ -14,7 +14,7 @@ from operators.decode import DecodeError
 from operators.events import event_id
 from operators.stats import window_stats
 from operators.windows import ClosedWindow, Rejected, Windower, WindowSpec
-from pipeline.cli_domain import produce_app
+from pipeline.cli.domain import produce_app
 from pipeline.corpus_build import window_stream
 from pipeline.producer import read_messages
 from pipeline.simulator import (

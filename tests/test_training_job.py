@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 from model.checkpoint import load_checkpoint
 from model.config import config_from_dict
 from model.train_loops import lr_factor
-from pipeline.cli_train import train
+from pipeline.cli.train import train
 from pipeline.corpus_build import write_corpus
 from pipeline.training.evaluation import brier_context
 from pipeline.training.job import TrainJobError, TrainRequest, run_training
@@ -206,7 +206,7 @@ class Blocked(importlib.abc.MetaPathFinder):
 
 sys.meta_path.insert(0, Blocked())
 from typer.testing import CliRunner
-from pipeline.cli import app
+from pipeline.cli.app import app
 
 for args in (["--help"], ["train", "--help"], ["bench", "reproduce", "--help"],
              ["bench", "recipe", "--help"]):

@@ -1,4 +1,6 @@
-"""The `calm-stream` command line: one root with global settings flags, one sub-command per job."""
+"""The `calm-stream` command line (pyproject's entry point): the root with the global settings
+flags (`--config`, `--set`), `calm-stream settings`, and one sub-command or group per job, each
+from its own module of pipeline/cli/."""
 
 from __future__ import annotations
 
@@ -11,13 +13,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.cli_bench import bench_app
-from pipeline.cli_domain import corpus_app, eval_app, produce_app
-from pipeline.cli_errors import fail
-from pipeline.cli_kafka import kafka_app
-from pipeline.cli_model import export_command, generate_command
-from pipeline.cli_run import demo_command, report_command, run_command
-from pipeline.cli_train import train
+from pipeline.cli.bench import bench_app
+from pipeline.cli.domain import corpus_app, eval_app, produce_app
+from pipeline.cli.errors import fail
+from pipeline.cli.kafka import kafka_app
+from pipeline.cli.model import export_command, generate_command
+from pipeline.cli.run import demo_command, report_command, run_command
+from pipeline.cli.train import train
 from pipeline.settings import (
     Settings,
     SettingsError,
@@ -113,6 +115,3 @@ def show_settings(
         table.add_row(name, json.dumps(value), source)
     console.print(table)
 
-
-if __name__ == "__main__":
-    app()

@@ -1,8 +1,7 @@
 """The event-domain commands: `produce iot|transactions`, `corpus build`, `eval summaries`.
 
-`pipeline.cli` registers these Typer apps (and `bench_produce_command` under `bench`). Settings
-come from the root command's state (`ctx.find_root().obj.settings()`), loaded only when a
-command needs Kafka.
+pipeline/cli/app.py registers these Typer apps. Settings come from the root command's state
+(`ctx.find_root().obj.settings()`), loaded only when a command needs Kafka.
 """
 
 import itertools
@@ -15,7 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from operators.facts import score
-from pipeline.cli_errors import fail
+from pipeline.cli.errors import fail
 from pipeline.corpus_build import read_records, token_stats, write_corpus
 from pipeline.kafka_check import check_kafka
 from pipeline.producer import FileSink, KafkaSink, Sink, produce
@@ -198,5 +197,4 @@ def eval_summaries(
     try:
         print(json.dumps(evaluate_summaries(file, column), indent=2))
     except ValueError as error:
-        console.print(f"[bold red]error:[/] {error}", highlight=False)
-        raise typer.Exit(2) from None
+        raise fail(error) from None

@@ -18,6 +18,7 @@ from rich.table import Table
 
 from deploy import local_kafka
 from deploy.local_kafka import BrokerState, KafkaBrokerError, SaslUser
+from pipeline.cli.errors import fail
 from pipeline.settings import LOCAL_KAFKA_PASSWORD_ENV
 
 kafka_app = typer.Typer(
@@ -30,11 +31,6 @@ NameOption = Annotated[
     str, typer.Option("--name", "-n", help="Which local broker (several can run side by side).")
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
-
-
-def _fail(message: str, code: int = 1) -> typer.Exit:
-    console.print(f"[bold red]error:[/] {message}", highlight=False)
-    return typer.Exit(code)
 
 
 def _describe(state: BrokerState) -> str:
@@ -51,7 +47,7 @@ def fetch() -> None:
         with console.status(f"fetching the Kafka {local_kafka.kafka_version()} broker jars..."):
             libs = local_kafka.fetch_jars()
     except KafkaBrokerError as error:
-        raise _fail(str(error)) from None
+        raise fail(error, 1) from None
     console.print(
         f"Kafka {local_kafka.kafka_version()} broker jars: {libs}", highlight=False, soft_wrap=True
     )
@@ -62,15 +58,14 @@ def _sasl_password(ctx: typer.Context, password: str | None, file: Path | None) 
     user of the machine (`ps`), so --sasl-password given there is refused."""
     source = ctx.get_parameter_source("sasl_password")  # typer's own click: compare by name
     if source is not None and source.name == "COMMANDLINE":
-        raise _fail(
+        raise fail(
             f"--sasl-password on the command line is visible to every user: set "
-            f"{LOCAL_KAFKA_PASSWORD_ENV} or use --sasl-password-file",
-            2,
+            f"{LOCAL_KAFKA_PASSWORD_ENV} or use --sasl-password-file"
         )
     if file is None:
         return password
     if file.stat().st_mode & 0o077:
-        raise _fail(f"--sasl-password-file {file}: readable by others; chmod 600 it", 2)
+        raise fail(f"--sasl-password-file {file}: readable by others; chmod 600 it")
     return file.read_text().strip()
 
 
@@ -108,15 +103,15 @@ def start(
     """
     sasl_password = _sasl_password(ctx, sasl_password, sasl_password_file)
     if (sasl_user is None) != (sasl_password is None):
-        raise _fail("--sasl-user and --sasl-password go together", 2)
+        raise fail("--sasl-user and --sasl-password go together")
     try:
         sasl = SaslUser(sasl_user, sasl_password) if sasl_user is not None else None
         with console.status(f"starting Kafka {local_kafka.kafka_version()} broker {name!r}..."):
             state = local_kafka.start(name, sasl=sasl, startup_timeout_s=timeout)
     except ValueError as error:
-        raise _fail(str(error), 2) from None
+        raise fail(error) from None
     except KafkaBrokerError as error:
-        raise _fail(str(error)) from None
+        raise fail(error, 1) from None
     if as_json:
         print(json.dumps(asdict(state), indent=2))
         return
@@ -138,7 +133,7 @@ def status(name: NameOption = "default", as_json: JsonOption = False) -> None:
     try:
         current = local_kafka.status(name)
     except (ValueError, KafkaBrokerError) as error:
-        raise _fail(str(error), 2) from None
+        raise fail(error) from None
     if current is None:
         if as_json:
             print(json.dumps({"name": name, "running": False}))
@@ -191,7 +186,7 @@ def stop(
     try:
         state = local_kafka.stop(name, timeout_s=timeout)
     except (ValueError, KafkaBrokerError) as error:
-        raise _fail(str(error), 2) from None
+        raise fail(error) from None
     if state is None:
         console.print(f"no local broker {name!r} was running", highlight=False)
     else:

@@ -1,11 +1,10 @@
-"""`calm-stream run`, `calm-stream demo` and `calm-stream bench pipeline`.
+"""`calm-stream run`, `calm-stream demo` and `calm-stream report`.
 
-`pipeline.cli` registers them:
+pipeline/cli/app.py registers them:
 
     app.command("run")(run_command)
     app.command("demo")(demo_command)
     app.command("report")(report_command)
-    bench_app.command("pipeline")(bench_pipeline_command)   # in pipeline/cli_bench.py
 
 Settings come from the root command's state (`ctx.find_root().obj.settings()`). The heavy
 modules are imported inside the commands, so that `--help` and the other commands stay fast.
@@ -22,7 +21,7 @@ from typing import Annotated
 
 import typer
 
-from pipeline.cli_errors import fail, reported
+from pipeline.cli.errors import fail, reported
 from pipeline.settings import SettingsError
 
 
@@ -135,34 +134,3 @@ def report_command(
         print(write_html_report(path, html))
     except OSError as error:
         raise fail(f"--html: cannot write {html}: {error.strerror or error}") from None
-
-
-def bench_pipeline_command(
-    ctx: typer.Context,
-    events: Annotated[int, typer.Option(min=100, help="Simulated events in the backlog.")] = 20_000,
-    model_events: Annotated[
-        int, typer.Option(min=100, help="Events of the backlog the model phases read.")
-    ] = 2_000,
-    live_seconds: Annotated[
-        float, typer.Option(min=5, help="Length of the paced latency run.")
-    ] = 30.0,
-    seed: Annotated[int, typer.Option(help="Simulator seed.")] = 0,
-) -> None:
-    """End-to-end events/s and tokens/s beside kafka-python's raw consume rate and the
-    standalone engine's tokens/s on the same prompts; latency, memory and CPU time per actor. JSON."""
-    from pipeline.bench_pipeline import bench_pipeline
-    from pipeline.embedded import kafka_or_local
-
-    with reported(SettingsError), kafka_or_local(ctx.find_root().obj.settings()) as settings:
-        print(
-            json.dumps(
-                bench_pipeline(
-                    settings,
-                    events=events,
-                    model_events=model_events,
-                    live_seconds=live_seconds,
-                    seed=seed,
-                ),
-                indent=2,
-            )
-        )

@@ -1,8 +1,8 @@
-"""Model commands: `export` (torch checkpoint -> versioned bundle), `generate` (a bundle in
-onnxruntime) and `bench generate` (CALM vs the discrete baseline, onnxruntime vs torch eager).
+"""Model commands: `export` (torch checkpoint -> versioned bundle) and `generate` (a bundle in
+onnxruntime). The bundle options (`RegistryOpt`, `VersionOpt`, `Threads`) are shared with
+`bench generate` (pipeline/cli/bench.py).
 
-`pipeline.cli` registers them; `generate` and `bench generate` never import torch themselves
-(the torch side of the benchmark runs in its own process).
+pipeline/cli/app.py registers them; `generate` never imports torch.
 """
 
 import json
@@ -15,7 +15,7 @@ import typer
 from rich.table import Table
 
 from model.bundle import BundleError, Registry
-from pipeline.cli_errors import console, fail
+from pipeline.cli.errors import console, fail
 
 Threads = Annotated[
     int | None, typer.Option("--threads", min=1, help="Intra-op threads (default: settings).")
@@ -243,55 +243,3 @@ def generate_command(
             r.finish_reason,
         )
     console.print(table)
-
-
-def bench_generate_command(
-    ctx: typer.Context,
-    registry: RegistryOpt = None,
-    version: VersionOpt = None,
-    checkpoint: Annotated[
-        Path | None,
-        typer.Option(
-            "--checkpoint",
-            exists=True,
-            file_okay=False,
-            help="Training run for the torch eager side (default: random weights of the "
-            "bundle's dimensions, enough for T = 1 speed).",
-        ),
-    ] = None,
-    prompts: Annotated[int, typer.Option("--prompts", min=1, help="Simulated prompts.")] = 32,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 64,
-    repeats: Annotated[
-        int,
-        typer.Option(
-            "--repeats", min=1, help="Rounds of every backend (best and median reported)."
-        ),
-    ] = 3,
-    threads: Threads = None,
-    out: Annotated[Path | None, typer.Option("--out", help="Also write the JSON here.")] = None,
-) -> None:
-    """CALM K=4 vs the same-backbone AR baseline, onnxruntime vs torch eager; prints JSON."""
-    from model.bench_generate import run_benchmark
-
-    settings = ctx.find_root().obj.settings().model
-    try:
-        bundle = Registry(registry or settings.registry_or_shipped()).open(
-            version or settings.bundle_version
-        )
-        report = run_benchmark(
-            bundle.path,
-            checkpoint=checkpoint,
-            n_prompts=prompts,
-            max_new_tokens=max_new_tokens,
-            repeats=repeats,
-            threads=threads or settings.intra_op_threads,
-            temperature=settings.temperature,
-            sampler=settings.sampler,
-            summary_tokens=settings.max_new_tokens,
-        )
-    except (BundleError, ValueError) as error:
-        raise fail(error) from None
-    text = json.dumps(report, indent=2)
-    if out is not None:
-        out.write_text(text + "\n")
-    print(text)

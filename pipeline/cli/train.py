@@ -1,5 +1,6 @@
-"""`calm-stream train` (the staged training job on Ray), `calm-stream bench reproduce` and
-`calm-stream bench recipe`.
+"""`calm-stream train`: the staged training job on Ray (tokenizer -> autoencoder -> CALM / AR).
+`run_on_ray` is shared with `calm-stream bench reproduce` (pipeline/cli/bench.py), which trains
+with the same job.
 
 Only the config layer is imported here: the job itself (torch, Ray Train) is imported when a
 command runs, so that `calm-stream --help` and the serving image (no torch) never load it.
@@ -13,8 +14,7 @@ from typing import Annotated
 
 import typer
 
-from pipeline.cli_errors import console, fail
-from pipeline.training.recipe_arms import ARMS
+from pipeline.cli.errors import console, fail
 from pipeline.training.stages import (
     DEFAULT_CONFIG,
     STAGES,
@@ -33,7 +33,7 @@ CpusPerWorker = Annotated[
 ]
 
 
-def _run_on_ray(ctx: typer.Context, job, request, corpus: str) -> None:
+def run_on_ray(ctx: typer.Context, job, request, corpus: str) -> None:
     """Check the corpus, start or join Ray (the root flags choose), run `job(request, console)`
     and print its JSON. A bad corpus exits with 2 before Ray starts; a failed job with 1."""
     from pipeline.ray_runtime import init_ray
@@ -120,92 +120,4 @@ def train(
         resume=resume,
         max_failures=max_failures,
     )
-    _run_on_ray(ctx, run_training, request, corpus)
-
-
-def reproduce(
-    ctx: typer.Context,
-    out: Annotated[
-        Path,
-        typer.Option("--out", help="Directory for table.json, table.md, plot.png and the runs."),
-    ],
-    budget_minutes: Annotated[
-        float,
-        typer.Option("--budget-minutes", min=1, help="Training wall time for all models together."),
-    ] = 20.0,
-    corpus: Annotated[
-        str | None,
-        typer.Option(
-            "--corpus", help="Documents file (default: the shipped WikiText-103 test documents)."
-        ),
-    ] = None,
-    workers: Workers = 2,
-    cpus_per_worker: CpusPerWorker = 1.0,
-    resume: Annotated[
-        bool, typer.Option("--resume", help="Keep models already trained in --out.")
-    ] = False,
-) -> None:
-    """The paper's table in miniature: AE, CALM K=1/2/4 and AR at two sizes under one CPU budget."""
-    from pipeline.training.reproduce import ReproduceRequest, run_reproduction
-
-    request = ReproduceRequest(
-        out=out,
-        budget_minutes=budget_minutes,
-        corpus=corpus,
-        workers=workers,
-        cpus_per_worker=cpus_per_worker,
-        resume=resume,
-    )
-    _run_on_ray(ctx, run_reproduction, request, request.corpus_path)
-
-
-def recipe(
-    run: Annotated[
-        Path,
-        typer.Option(
-            "--run", help="A training run whose tokenizer and autoencoder every arm shares."
-        ),
-    ],
-    corpus: Annotated[str, typer.Option("--corpus", help="Domain corpus from `corpus build`.")],
-    out: Annotated[
-        Path, typer.Option("--out", help="Directory for <arm>.json, table.json/.md, curves.png.")
-    ],
-    arms: Annotated[
-        list[str] | None,
-        typer.Option("--arm", help=f"Arm to train (repeatable; default all): {', '.join(ARMS)}."),
-    ] = None,
-    budget_minutes: Annotated[
-        float,
-        typer.Option("--budget-minutes", min=0.1, help="Training CPU minutes per arm."),
-    ] = 10.0,
-    evaluations: Annotated[
-        int, typer.Option("--evaluations", min=1, help="Evaluation points per arm.")
-    ] = 6,
-    parallel: Annotated[
-        int, typer.Option("--parallel", min=1, help="Arms trained at once (a process each).")
-    ] = 2,
-    config: Annotated[
-        Path | None,
-        typer.Option("--config", help="Model and training settings (default: the domain recipe)."),
-    ] = None,
-    assignments: Annotated[
-        list[str] | None,
-        typer.Option("--set", help="Override a config field: stage.section.field=value."),
-    ] = None,
-) -> None:
-    """The recipe study: CALM (and AR) recipes side by side under one wall-clock budget, with
-    learning curves of summary loss and teacher-forced digit-chunk accuracy, then BrierLM, fact
-    accuracy and head draws per step on the test split."""
-    from pipeline.training.recipe_study import load_assets, run_study
-
-    try:
-        assets = load_assets(run, corpus, str(config) if config else None, assignments or [])
-    except (FileNotFoundError, ValueError, TrainConfigError) as error:
-        raise fail(error) from None
-
-    def progress(name: str, result: dict) -> None:
-        console.print(f"{name}: {result['steps']} steps, final {result['curve'][-1]}")
-
-    names = arms or list(ARMS)
-    table = run_study(assets, names, out, budget_minutes, evaluations, parallel, progress)
-    print(json.dumps(json_safe(table), indent=2, sort_keys=True))
+    run_on_ray(ctx, run_training, request, corpus)
