@@ -8,7 +8,7 @@ disturbs both sides alike; each case's rates come from its best round (the least
 as timeit does), with the median round beside them. The machine's peak is
 measured the same way, with a large float32 matmul, before and after (the best counts).
 
-Settings, on the same simulated event-window prompts (pipeline/corpus_build.py):
+Settings, on the same simulated event-window prompts (pipeline/sim/corpus.py):
 - `t1`: T = 1 (CALM: one head sample per step; AR: softmax sampling), every row generates exactly
   `max_new_tokens` (no stop on <eos>), so every backend does the same work. Batches 1 and 32, in
   onnxruntime (float32 graphs, and the int8 ones when the bundle has them) and torch eager.
@@ -52,7 +52,7 @@ SUMMARIZE = "summarize"
 
 def simulated_prompts(n: int, seed: int = 20261128) -> list[dict[str, Any]]:
     """n (prompt, facts) windows, half IoT, half transactions, from a seed no corpus uses."""
-    from pipeline.corpus_build import corpus_records
+    from pipeline.sim.corpus import corpus_records
 
     records = list(corpus_records(seed, max(n, 10)))
     kinds = [[r for r in records if r["kind"] == kind] for kind in ("iot", "transaction")]

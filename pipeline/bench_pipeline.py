@@ -39,9 +39,9 @@ from model.engine import Engine, Request, Sampling
 from pipeline.demo import demo_settings
 from pipeline.inference import Batcher, row_seed
 from pipeline.job import JobOptions, JobReport, ensure_topics, run_pipeline
-from pipeline.producer import KafkaSink, produce
 from pipeline.settings import Settings, kafka_client_options, kafka_consumer_options
-from pipeline.simulator import simulate
+from pipeline.sim.producer import KafkaSink, produce
+from pipeline.sim.simulator import simulate
 from pipeline.sinks import read_dataset
 
 IOT_SHARE = 0.8

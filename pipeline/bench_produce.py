@@ -14,8 +14,8 @@ from typing import Any, Literal
 
 from kafka.admin import KafkaAdminClient, NewTopic
 
-from pipeline.producer import KafkaSink, produce
-from pipeline.simulator import Message, simulate
+from pipeline.sim.producer import KafkaSink, produce
+from pipeline.sim.simulator import Message, simulate
 
 
 def _raw_rate(

@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING, Any
 import pyarrow.dataset as ds
 
 from operators.windows import ClosedWindow, Windower, WindowSpec
-from pipeline.producer import KafkaSink, produce
 from pipeline.settings import Settings
-from pipeline.simulator import Mess, Message, simulate
+from pipeline.sim.producer import KafkaSink, produce
+from pipeline.sim.simulator import Mess, Message, simulate
 
 if TYPE_CHECKING:
     from pipeline.job import JobOptions, JobReport

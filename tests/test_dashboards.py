@@ -21,7 +21,7 @@ from pipeline_helpers import pipeline_settings, read_back, run_scraped, send, ti
 
 from deploy.local_kafka import _free_ports
 from pipeline.job import JobOptions
-from pipeline.simulator import Mess
+from pipeline.sim.simulator import Mess
 
 BROWSER = Path("/usr/bin/chromium")
 # Playwright's own flags plus these: nothing may reach out of a closed network or a CI box.

@@ -27,7 +27,7 @@ from operators.stats import txn_stats
 from operators.summaries import summarize
 from pipeline.job import JobOptions, run_pipeline
 from pipeline.settings import kafka_client_options
-from pipeline.simulator import simulate
+from pipeline.sim.simulator import simulate
 
 NAMES = [
     "Café Zürich – Bäckerei",

@@ -15,7 +15,7 @@ from operators.events import from_millis
 from operators.windows import WindowSpec
 from pipeline.processing import FlowConfig, PartitionFlow
 from pipeline.settings import Settings
-from pipeline.simulator import simulate
+from pipeline.sim.simulator import simulate
 from pipeline.source import CREATE_TIME, LOG_APPEND_TIME, SourceRecord, source_record
 
 HOUR_MS = 3_600_000

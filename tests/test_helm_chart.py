@@ -1041,8 +1041,8 @@ def test_rendered_pipeline_runs_against_the_test_broker(
     import ray
     from pipeline_helpers import build_registry
 
-    from pipeline.producer import KafkaSink, produce
-    from pipeline.simulator import simulate
+    from pipeline.sim.producer import KafkaSink, produce
+    from pipeline.sim.simulator import simulate
 
     iot, transactions = topic_factory(1), topic_factory(1)
     client = {"bootstrap_servers": kafka_broker.bootstrap_servers}

@@ -35,7 +35,7 @@ from pipeline.dlq import DeadLetterWriter, dead_letter_row, send_letter
 from pipeline.job import JobOptions, ensure_topics, run_pipeline
 from pipeline.processing import DeadLetter, FlowConfig, PartitionFlow
 from pipeline.settings import Settings, kafka_client_options
-from pipeline.simulator import simulate
+from pipeline.sim.simulator import simulate
 from pipeline.sinks import DEAD_LETTER_SCHEMA, ParquetDataset, SinkActor
 from pipeline.source import SourceRecord, source_record
 

@@ -53,7 +53,7 @@ from pipeline.processing import (
     decode_watermark,
     encode_watermark,
 )
-from pipeline.simulator import Mess, simulate
+from pipeline.sim.simulator import Mess, simulate
 from pipeline.sinks import DETERMINISTIC_RESULT_COLUMNS
 from pipeline.source import SourceRecord
 

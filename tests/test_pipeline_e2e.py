@@ -27,7 +27,7 @@ from deploy.local_kafka import _free_ports
 from operators.facts import reference_facts, score
 from operators.stats import window_stats
 from pipeline.job import JobOptions
-from pipeline.simulator import Mess
+from pipeline.sim.simulator import Mess
 
 MESS = Mess(late=0.02, reordered=0.03, duplicate=0.02, malformed=0.03)
 

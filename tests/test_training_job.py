@@ -23,7 +23,7 @@ from model.checkpoint import load_checkpoint
 from model.config import config_from_dict
 from model.train_loops import lr_factor
 from pipeline.cli.train import train
-from pipeline.corpus_build import write_corpus
+from pipeline.sim.corpus import write_corpus
 from pipeline.training.evaluation import brier_context
 from pipeline.training.job import TrainJobError, TrainRequest, run_training
 from pipeline.training.recipe_study import load_assets, run_study

@@ -15,11 +15,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from operators.facts import score
 from pipeline.cli.errors import fail
-from pipeline.corpus_build import read_records, token_stats, write_corpus
 from pipeline.kafka_check import check_kafka
-from pipeline.producer import FileSink, KafkaSink, Sink, produce
 from pipeline.settings import SettingsError, kafka_client_options
-from pipeline.simulator import IOT_ANOMALIES, TXN_ANOMALIES, Mess, simulate
+from pipeline.sim.corpus import read_records, token_stats, write_corpus
+from pipeline.sim.producer import FileSink, KafkaSink, Sink, produce
+from pipeline.sim.simulator import IOT_ANOMALIES, TXN_ANOMALIES, Mess, simulate
 
 console = Console(stderr=True)
 produce_app = typer.Typer(

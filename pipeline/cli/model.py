@@ -94,7 +94,7 @@ def export_command(
     from model.bundle import update_manifest
     from model.checkpoint import load_checkpoint
     from model.export import TrainedModels, export_bundle, load_training_run
-    from pipeline.corpus_build import read_records
+    from pipeline.sim.corpus import read_records
 
     version = version or datetime.now(UTC).strftime("%Y%m%d.%H%M%S")
     try:

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from kafka import KafkaProducer
 
-from pipeline.simulator import Message
+from pipeline.sim.simulator import Message
 
 # Throughput-minded batching; durability stays at kafka-python 3's defaults (idempotent, acks=all).
 PRODUCER_TUNING: dict[str, Any] = {"linger_ms": 10, "batch_size": 256 * 1024}

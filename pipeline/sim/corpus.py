@@ -1,4 +1,5 @@
-"""Build the training corpus: simulate, decode, window, summarize, split by entity, write files.
+"""The training corpus (`calm-stream corpus build`) from simulated streams: simulate, decode,
+window, summarize, split by entity, write files.
 
 The windows go through exactly the operators the streaming pipeline runs (decode with the
 wall-clock future check, event-time windows with watermark and lateness), so training windows
@@ -21,7 +22,7 @@ import pyarrow.parquet as pq
 from operators.corpus import SPLITS, assign_splits, build_records
 from operators.decode import DecodeError, decode
 from operators.windows import ClosedWindow, Rejected, Windower, WindowSpec
-from pipeline.simulator import Mess, simulate
+from pipeline.sim.simulator import Mess, simulate
 
 WINDOW_S = 300.0  # the pipeline's default window (settings.windows.size_seconds)
 BLOCKS_PER_ENTITY = 24  # about two hours of each entity's life
