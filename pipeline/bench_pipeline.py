@@ -42,7 +42,7 @@ from pipeline.job import JobOptions, JobReport, ensure_topics, run_pipeline
 from pipeline.settings import Settings, kafka_client_options, kafka_consumer_options
 from pipeline.sim.producer import KafkaSink, produce
 from pipeline.sim.simulator import simulate
-from pipeline.sinks import read_dataset
+from pipeline.sinks.files import read_dataset
 
 IOT_SHARE = 0.8
 LIVE_WARMUP_S = 2.0  # rows whose input arrived before the pipeline was consuming are backlog

@@ -24,12 +24,13 @@ from deploy import SHIPPED_REGISTRY
 from model.bundle import LATEST
 from pipeline.embedded import kafka_or_local
 from pipeline.job import JobOptions, JobReport, ensure_topics, run_pipeline
-from pipeline.report import sink_report
-from pipeline.report_html import write_html_report
 from pipeline.settings import Settings, kafka_client_options
 from pipeline.sim.producer import KafkaSink, produce
 from pipeline.sim.simulator import Mess, simulate
-from pipeline.sinks import RESULT_SCHEMA, read_dataset
+from pipeline.sinks.files import read_dataset
+from pipeline.sinks.report import sink_report
+from pipeline.sinks.report_html import write_html_report
+from pipeline.sinks.schemas import RESULT_SCHEMA
 
 DEMO_MESS = Mess(late=0.01, reordered=0.05, duplicate=0.01, malformed=0.01)
 

@@ -19,7 +19,7 @@ from kafka.producer.future import FutureRecordMetadata
 from operators.events import from_millis
 from pipeline.processing import DeadLetter
 from pipeline.ray_runtime import cap_in_flight, pack
-from pipeline.sinks import Rows
+from pipeline.sinks.sink import Rows
 from pipeline.source import SourceRecord
 
 MAX_WRITES_IN_FLIGHT = 4

@@ -39,7 +39,7 @@ from operators.facts import score
 from pipeline.processing import WindowRequest
 from pipeline.ray_runtime import cap_in_flight, pack, unpack
 from pipeline.settings import ModelSettings, PricingSettings
-from pipeline.sinks import Rows
+from pipeline.sinks.sink import Rows
 from pipeline.telemetry import BatchTiming, batch_telemetry
 
 log = logging.getLogger(__name__)

@@ -34,7 +34,6 @@ from operators.windows import WindowSpec
 from pipeline.dlq import DeadLetterWriter
 from pipeline.inference import InferenceActor
 from pipeline.kafka_check import BrokerWatch, KafkaUnavailable, check_kafka
-from pipeline.metrics import MetricsReporter
 from pipeline.processing import FlowConfig, WindowStage, decode_watermark
 from pipeline.ray_runtime import check_actors_fit, init_ray, local_ray_cpus, wait_placed
 from pipeline.settings import (
@@ -46,7 +45,9 @@ from pipeline.settings import (
     kafka_consumer_options,
     kafka_producer_options,
 )
-from pipeline.sinks import SinkActor, local_root
+from pipeline.sinks.files import local_root
+from pipeline.sinks.metrics import MetricsReporter
+from pipeline.sinks.sink import SinkActor
 from pipeline.source import KafkaSourceActor
 
 log = logging.getLogger(__name__)

@@ -406,7 +406,7 @@ DASHBOARD_PANELS = {
 
 
 def test_grafana_dashboard_reads_the_pipelines_metrics() -> None:
-    from pipeline.metrics import PipelineMetrics
+    from pipeline.sinks.metrics import PipelineMetrics
 
     (board,) = [
         d for d in rendered(SASL_SSL) if d["metadata"]["labels"].get("grafana_dashboard") == "1"

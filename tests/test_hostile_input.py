@@ -36,7 +36,8 @@ from pipeline.job import JobOptions, ensure_topics, run_pipeline
 from pipeline.processing import DeadLetter, FlowConfig, PartitionFlow
 from pipeline.settings import Settings, kafka_client_options
 from pipeline.sim.simulator import simulate
-from pipeline.sinks import DEAD_LETTER_SCHEMA, ParquetDataset, SinkActor
+from pipeline.sinks.schemas import DEAD_LETTER_SCHEMA
+from pipeline.sinks.sink import ParquetDataset, SinkActor
 from pipeline.source import SourceRecord, source_record
 
 INT64_MAX = 2**63 - 1

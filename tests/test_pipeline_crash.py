@@ -54,7 +54,7 @@ from pipeline.processing import (
     encode_watermark,
 )
 from pipeline.sim.simulator import Mess, simulate
-from pipeline.sinks import DETERMINISTIC_RESULT_COLUMNS
+from pipeline.sinks.schemas import DETERMINISTIC_RESULT_COLUMNS
 from pipeline.source import SourceRecord
 
 MESS = Mess(late=0.02, reordered=0.03, duplicate=0.02, malformed=0.02)

@@ -45,7 +45,7 @@ def run_command(
     from model.bundle import BundleError
     from pipeline.job import JobOptions, preflight, run_pipeline
     from pipeline.ray_runtime import init_ray
-    from pipeline.sinks import SinkError
+    from pipeline.sinks.files import SinkError
 
     settings = ctx.find_root().obj.settings()
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -88,7 +88,7 @@ def demo_command(
 
     from model.bundle import BundleError
     from pipeline.demo import DemoPlan, run_demo
-    from pipeline.sinks import SinkError
+    from pipeline.sinks.files import SinkError
 
     given = {"iot_events": iot_events, "transaction_events": transaction_events, "seed": seed}
     plan = replace(
@@ -116,8 +116,8 @@ def report_command(
     """What a sink root holds, from its Parquet files: rows, tokens, steps, $ per 1k tokens next to
     the discrete baseline's, latency percentiles, fact accuracy, dead letters by reason. Prints
     JSON; with --html, writes the same figures over time as charts."""
-    from pipeline.report import sink_report
-    from pipeline.sinks import SinkError, local_root
+    from pipeline.sinks.files import SinkError, local_root
+    from pipeline.sinks.report import sink_report
 
     try:
         path = local_root(root or ctx.find_root().obj.settings().sinks.root)
@@ -128,7 +128,7 @@ def report_command(
     if html is None:
         print(json.dumps(sink_report(path), indent=2))
         return
-    from pipeline.report_html import write_html_report
+    from pipeline.sinks.report_html import write_html_report
 
     try:
         print(write_html_report(path, html))

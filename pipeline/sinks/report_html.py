@@ -1,6 +1,6 @@
 """`calm-stream report ROOT --html FILE`: a run as one self-contained page of charts.
 
-Built from the sink root's Parquet files alone, read by `pipeline.report` (the header's figures are
+Built from the sink root's Parquet files alone, read by `pipeline.sinks.report` (the header's figures are
 that module's JSON report, so the page and `report` never disagree). Charts are plotly figures;
 plotly.js is inlined once, so the file opens offline from disk: no CDN, no server.
 
@@ -31,7 +31,7 @@ from plotly import graph_objects as go
 from plotly.offline import get_plotlyjs
 from plotly.subplots import make_subplots
 
-from pipeline.report import SinkTables, read_sink, summarize
+from pipeline.sinks.report import SinkTables, read_sink, summarize
 
 BIN_MILLIS = (100, 200, 500, 1000, 2000, 5000, 10_000, 15_000, 30_000, 60_000)
 BINS_AT_LEAST = 20

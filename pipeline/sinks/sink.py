@@ -1,213 +1,57 @@
-"""Parquet sinks: `results/`, `telemetry/` and `dlq/`, crash-consistent and idempotent.
+"""The sink actor: writes `results/`, `telemetry/` and `dlq/` under a sink root, crash-consistent
+and idempotent, and tells each source which of its keys are durable.
 
 Each dataset is Hive-partitioned by the UTC date and hour of one time column
 (`results/date=2025-01-06/hour=10/part-....parquet`). Rows are buffered and written as one file
-per partition when the buffer reaches `rotate_rows` or its oldest row is `rotate_seconds` old.
-A file is committed atomically: written under a temporary name that no reader takes for data
-(`.part-....parquet.tmp`: `pyarrow.dataset` skips dot-files, a DuckDB or polars `**/*.parquet`
-glob does not match it), fsynced, renamed into place, and the directory fsynced; a crash leaves
-either the whole file or a temporary one that the next start deletes.
+per partition when the buffer reaches `rotate_rows` or its oldest row is `rotate_seconds` old;
+each file is committed atomically (pipeline/sinks/files.py: temp name, fsync, rename), so a
+crash leaves either the whole file or a temporary one that the next start deletes.
 
 A keyed dataset never writes a key twice: at start it reads the key column of every committed
 file, and it drops rows whose key is already durable or already buffered. The `SinkActor` tells
 each source which keys became durable, so that sources commit offsets only after durability; it
 forgets the keys that the sources' commits put out of any replay's reach
 (`Datasets.forget_committed`): a long run holds the keys of recent windows, not of all it wrote.
-One process writes a sink root at a time (an exclusive `flock` on `<root>/_sink.lock`): the
-sink of a killed run may still be flushing while its successor starts.
+One process writes a sink root at a time (files.RootLock): the sink of a killed run may still be
+flushing while its successor starts.
 """
-
 from __future__ import annotations
 
-import fcntl
 import heapq
 import logging
-import os
 import resource
 import threading
 import time
-import uuid
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import ray
 
 from operators.windows import WindowSpec
-from pipeline.metrics import PipelineMetrics
 from pipeline.processing import dead_letter_key_position, decode_watermark, row_key_position
 from pipeline.ray_runtime import unpack
+from pipeline.sinks.files import (
+    TEMP_GLOBS,
+    RootLock,
+    commit_table,
+    hour_partition,
+    local_root,
+    read_dataset,
+)
+from pipeline.sinks.metrics import PipelineMetrics
+from pipeline.sinks.schemas import DEAD_LETTER_SCHEMA, RESULT_SCHEMA, TELEMETRY_SCHEMA, TIMESTAMP
 from pipeline.source import parse_partition_name
 
 log = logging.getLogger(__name__)
 
-_TS = pa.timestamp("ms", tz="UTC")
-
-# Every column except the timings is a function of the input, the row key and the model version:
-# a replayed window yields the same values (see DETERMINISTIC_RESULT_COLUMNS).
-RESULT_SCHEMA = pa.schema(
-    [
-        ("key", pa.string()),
-        ("topic", pa.string()),
-        ("partition", pa.int32()),
-        ("entity", pa.string()),
-        ("kind", pa.string()),
-        ("window_start", _TS),
-        ("window_end", _TS),
-        ("first_offset", pa.int64()),
-        ("last_offset", pa.int64()),
-        ("events", pa.int32()),
-        ("last_ingested", _TS),  # the Kafka timestamp of the window's newest record
-        ("task", pa.string()),
-        ("prompt", pa.string()),
-        ("output", pa.string()),
-        ("finish_reason", pa.string()),
-        ("facts", pa.list_(pa.string())),  # the window's facts, as a faithful summary states them
-        ("fact_accuracy", pa.float64()),  # null where nothing was summarized
-        ("invented_facts", pa.int32()),  # facts the output states that the window does not have
-        ("model_name", pa.string()),
-        ("model_version", pa.string()),
-        ("k", pa.int32()),
-        ("seed", pa.int64()),
-        ("tokens_in", pa.int32()),
-        ("tokens_out", pa.int32()),
-        ("steps", pa.int32()),
-        ("draws", pa.int32()),
-        ("queue_seconds", pa.float64()),
-        ("prefill_seconds", pa.float64()),
-        ("decode_seconds", pa.float64()),
-        ("latency_seconds", pa.float64()),
-    ]
-)
-TIMING_COLUMNS = ("queue_seconds", "prefill_seconds", "decode_seconds", "latency_seconds")
-DETERMINISTIC_RESULT_COLUMNS = tuple(n for n in RESULT_SCHEMA.names if n not in TIMING_COLUMNS)
-
-TELEMETRY_SCHEMA = pa.schema(
-    [
-        ("batch_id", pa.string()),
-        ("time", _TS),
-        ("actor", pa.string()),
-        ("model_name", pa.string()),
-        ("model_version", pa.string()),
-        ("k", pa.int32()),
-        ("batch_size", pa.int32()),
-        ("tokens_in", pa.int64()),
-        ("tokens_out", pa.int64()),
-        ("steps", pa.int64()),
-        ("draws", pa.int64()),
-        ("tokens_per_step", pa.float64()),
-        ("queue_seconds", pa.float64()),
-        ("prefill_seconds", pa.float64()),
-        ("decode_seconds", pa.float64()),
-        ("busy_seconds", pa.float64()),
-        ("idle_seconds", pa.float64()),
-        ("tokens_per_second", pa.float64()),
-        ("flops", pa.float64()),
-        ("node_type", pa.string()),
-        ("node_price_per_hour", pa.float64()),
-        ("node_share", pa.float64()),
-        ("dollars", pa.float64()),
-        ("dollars_per_1k_tokens", pa.float64()),
-        ("dollars_per_step", pa.float64()),
-        ("baseline_flops", pa.float64()),
-        ("baseline_dollars", pa.float64()),
-        ("baseline_dollars_per_1k_tokens", pa.float64()),
-    ]
-)
-
-DEAD_LETTER_SCHEMA = pa.schema(
-    [
-        ("key", pa.string()),
-        ("topic", pa.string()),
-        ("partition", pa.int32()),
-        ("offset", pa.int64()),
-        ("timestamp", _TS),
-        ("message_key", pa.binary()),
-        ("value", pa.binary()),
-        ("reason", pa.string()),
-        ("field", pa.string()),
-        ("message", pa.string()),
-        ("routed_to", pa.string()),
-        # the producer's own Kafka headers, in order (a key may repeat, a value may be null)
-        ("headers", pa.list_(pa.struct([("key", pa.string()), ("value", pa.binary())]))),
-    ]
-)
-
-# A file being written is `.part-....parquet.tmp`: hidden, and not `*.parquet`, so neither
-# pyarrow (dot-files) nor a DuckDB/polars `**/*.parquet` glob reads it. `.tmp-*` is the name
-# older versions used: a crash of one of those may have left one behind.
-TEMP_SUFFIX = ".tmp"
-TEMP_GLOBS = (f".part-*{TEMP_SUFFIX}", ".tmp-*")
 # A key's source partition and its position there (window start, offset): see `forget`.
 KeyPosition = Callable[[str], tuple[tuple[str, int], int]]
-
-
-class SinkError(RuntimeError):
-    """The sink root cannot be used (not local, locked by another writer, unreadable)."""
-
-
-def local_root(root: str) -> Path:
-    """The sink root as a local directory; `file://` URIs are accepted."""
-    if "://" in root and not root.startswith("file://"):
-        raise SinkError(
-            f"sinks.root {root!r}: only local paths and file:// URIs are supported "
-            "(atomic commit relies on fsync + rename)"
-        )
-    return Path(root.removeprefix("file://")).expanduser().resolve()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def commit_table(table: pa.Table, directory: Path) -> Path:
-    """Write `table` as one Parquet file in `directory`, atomically: temp name, fsync, rename."""
-    directory.mkdir(parents=True, exist_ok=True)
-    name = f"part-{time.time_ns()}-{uuid.uuid4().hex[:8]}.parquet"
-    temp, final = directory / f".{name}{TEMP_SUFFIX}", directory / name
-    with temp.open("wb") as file:
-        pq.write_table(table, file, compression="zstd")
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(temp, final)
-    _fsync_dir(directory)
-    return final
-
-
-def hour_partition(ts: datetime) -> str:
-    ts = ts.astimezone(UTC)  # fields, not strftime: this runs for every row, 3x faster
-    return f"date={ts.year:04d}-{ts.month:02d}-{ts.day:02d}/hour={ts.hour:02d}"
-
-
-def read_dataset(
-    path: Path,
-    columns: list[str] | None = None,
-    schema: pa.Schema | None = None,
-    where: pc.Expression | None = None,
-) -> pa.Table:
-    """All committed files of a dataset (temporary files skipped), with `date` and `hour` unless
-    a `schema` is given (which also types an empty or missing dataset); `where` filters rows."""
-    # Imported here: pyarrow.dataset imports pandas (~0.8 s of CPU), and every actor that holds
-    # a sink handle imports this module, where only the sink and the readers read datasets.
-    import pyarrow.dataset as ds
-
-    if not path.is_dir():
-        schema = schema or pa.schema([])
-        return schema.empty_table().select(columns) if columns else schema.empty_table()
-    dataset = ds.dataset(
-        path, schema=schema, format="parquet", partitioning="hive", ignore_prefixes=[".", "_"]
-    )
-    return dataset.to_table(columns=columns, filter=where)
 
 
 class ParquetDataset:
@@ -320,33 +164,9 @@ class ParquetDataset:
         others are out of any replay's reach)."""
         if self.key_column is None:
             return []
-        where = None if since is None else pc.field(self.time_column) >= pa.scalar(since, _TS)
+        where = None if since is None else pc.field(self.time_column) >= pa.scalar(since, TIMESTAMP)
         table = read_dataset(self.path, [self.key_column], self.schema, where)
         return table.column(self.key_column).to_pylist()
-
-
-class RootLock:
-    """An exclusive `flock` on `<root>/_sink.lock`, released by the kernel when the holder dies."""
-
-    def __init__(self, root: Path, timeout_s: float) -> None:
-        root.mkdir(parents=True, exist_ok=True)
-        self._file = (root / "_sink.lock").open("a")
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    self._file.close()
-                    raise SinkError(
-                        f"{root} is locked by another sink for more than {timeout_s} s"
-                    ) from None
-                time.sleep(0.1)
-
-    def release(self) -> None:
-        fcntl.flock(self._file, fcntl.LOCK_UN)
-        self._file.close()
 
 
 class Datasets:
