@@ -32,14 +32,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from kafka import KafkaConsumer, TopicPartition
+from kafka import TopicPartition
 
 from model.bundle import Registry
 from model.engine import Engine, Request, Sampling
 from pipeline.demo import demo_settings
 from pipeline.inference import Batcher, row_seed
 from pipeline.job import JobOptions, JobReport, ensure_topics, run_pipeline
-from pipeline.settings import Settings, kafka_client_options, kafka_consumer_options
+from pipeline.kafka import clients
+from pipeline.kafka.clients import kafka_client_options, kafka_consumer_options
+from pipeline.settings import Settings
 from pipeline.sim.producer import KafkaSink, produce
 from pipeline.sim.simulator import simulate
 from pipeline.sinks.files import read_dataset
@@ -68,7 +70,7 @@ def raw_consume_rate(settings: Settings, total: int) -> dict[str, float]:
     first poll, so the rate includes fetching as well as parsing; the consumer options (the
     fetch wait above all) are the sources' own."""
     topics = settings.kafka.topics
-    consumer = KafkaConsumer(enable_auto_commit=False, **kafka_consumer_options(settings.kafka))
+    consumer = clients.consumer(kafka_consumer_options(settings.kafka), enable_auto_commit=False)
     partitions = [
         TopicPartition(topic, p)
         for topic in (topics.iot, topics.transactions)

@@ -12,8 +12,9 @@ import time
 import uuid
 from typing import Any, Literal
 
-from kafka.admin import KafkaAdminClient, NewTopic
+from kafka.admin import NewTopic
 
+from pipeline.kafka.clients import admin_client
 from pipeline.sim.producer import KafkaSink, produce
 from pipeline.sim.simulator import Message, simulate
 
@@ -37,7 +38,7 @@ def bench_produce(
     partitions: int = 4,
 ) -> dict[str, Any]:
     """Run the three passes against the broker in `client_options`; return the rates."""
-    admin = KafkaAdminClient(**client_options)
+    admin = admin_client(client_options)
     topics = [f"bench-produce-{name}-{uuid.uuid4().hex[:8]}" for name in ("raw", "simulator")]
     admin.create_topics([NewTopic(t, partitions, 1) for t in topics])
     try:

@@ -1,6 +1,6 @@
 """`calm-stream demo`: the whole pipeline on a laptop, from simulated events to Parquet.
 
-With no Kafka configured a throwaway local broker is started (pipeline.embedded); simulated IoT
+With no Kafka configured a throwaway local broker is started (pipeline.kafka.embedded); simulated IoT
 readings and card payments, with a few malformed, late, reordered and duplicated messages, are
 sent to fresh topics; the pipeline runs on a local Ray with the shipped model bundle until the
 input is consumed; then a short table shows results, throughput, cost and where the files are, and
@@ -22,9 +22,10 @@ from rich.table import Table
 
 from deploy import SHIPPED_REGISTRY
 from model.bundle import LATEST
-from pipeline.embedded import kafka_or_local
 from pipeline.job import JobOptions, JobReport, ensure_topics, run_pipeline
-from pipeline.settings import Settings, kafka_client_options
+from pipeline.kafka.clients import kafka_client_options
+from pipeline.kafka.embedded import kafka_or_local
+from pipeline.settings import Settings
 from pipeline.sim.producer import KafkaSink, produce
 from pipeline.sim.simulator import Mess, simulate
 from pipeline.sinks.files import read_dataset

@@ -17,6 +17,7 @@ from kafka import KafkaProducer
 from kafka.producer.future import FutureRecordMetadata
 
 from operators.events import from_millis
+from pipeline.kafka import clients
 from pipeline.processing import DeadLetter
 from pipeline.ray_runtime import cap_in_flight, pack
 from pipeline.sinks.sink import Rows
@@ -82,7 +83,7 @@ class DeadLetterWriter:
     def __init__(
         self, client_options: dict[str, Any], sink: ray.actor.ActorHandle, origin: int
     ) -> None:
-        self._producer = KafkaProducer(**client_options, acks="all", linger_ms=5)
+        self._producer = clients.producer(client_options, acks="all", linger_ms=5)
         self._sink, self._origin = sink, origin
         self._errors: list[BaseException] = []
         self._writes: list[ray.ObjectRef] = []

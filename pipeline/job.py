@@ -22,8 +22,8 @@ from functools import partial
 from typing import Any
 
 import ray
-from kafka import KafkaConsumer, TopicPartition
-from kafka.admin import KafkaAdminClient, NewTopic
+from kafka import TopicPartition
+from kafka.admin import NewTopic
 from kafka.errors import TopicAlreadyExistsError
 from ray.util.queue import Queue
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -33,18 +33,17 @@ from operators.events import from_millis
 from operators.windows import WindowSpec
 from pipeline.dlq import DeadLetterWriter
 from pipeline.inference import InferenceActor
-from pipeline.kafka_check import BrokerWatch, KafkaUnavailable, check_kafka
-from pipeline.processing import FlowConfig, WindowStage, decode_watermark
-from pipeline.ray_runtime import check_actors_fit, init_ray, local_ray_cpus, wait_placed
-from pipeline.settings import (
-    MetricsSettings,
-    RaySettings,
-    Settings,
-    SettingsError,
+from pipeline.kafka import clients
+from pipeline.kafka.check import BrokerWatch, KafkaUnavailable, check_kafka
+from pipeline.kafka.clients import (
     kafka_client_options,
     kafka_consumer_options,
     kafka_producer_options,
 )
+from pipeline.kafka.positions import decode_watermark
+from pipeline.processing import FlowConfig, WindowStage
+from pipeline.ray_runtime import check_actors_fit, init_ray, local_ray_cpus, wait_placed
+from pipeline.settings import MetricsSettings, RaySettings, Settings, SettingsError
 from pipeline.sinks.files import local_root
 from pipeline.sinks.metrics import MetricsReporter
 from pipeline.sinks.sink import SinkActor
@@ -99,7 +98,7 @@ def window_spec(settings: Settings) -> WindowSpec:
 
 def ensure_topics(settings: Settings, names: list[str], partitions: int = 1) -> None:
     """Create the topics that do not exist yet (the dead-letter and late topics, the demo's)."""
-    admin = KafkaAdminClient(**kafka_client_options(settings.kafka))
+    admin = clients.admin_client(kafka_client_options(settings.kafka))
     try:
         missing = set(names) - set(admin.list_topics())
         for name in sorted(missing):
@@ -117,10 +116,10 @@ def replay_floor(settings: Settings, spec: WindowSpec) -> datetime | None:
     `spec.last_closed_start` are closed. None when an input partition has no committed
     watermark (a fresh group: everything may replay)."""
     topics = settings.kafka.topics
-    consumer = KafkaConsumer(
+    consumer = clients.consumer(
+        kafka_client_options(settings.kafka),
         group_id=settings.kafka.group_id,
         enable_auto_commit=False,
-        **kafka_client_options(settings.kafka),
     )
     watermarks: list[int | None] = []
     try:

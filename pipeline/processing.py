@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import json
 import logging
 import operator
 import time
@@ -36,6 +35,7 @@ from operators.facts import reference_facts
 from operators.prompts import render_prompt
 from operators.stats import window_stats
 from operators.windows import ClosedWindow, Rejected, Windower, WindowSpec
+from pipeline.kafka.positions import dead_letter_key, decode_watermark, encode_watermark, row_key
 from pipeline.source import LOG_APPEND_TIME, SourceRecord, Work
 
 log = logging.getLogger(__name__)
@@ -101,43 +101,8 @@ def judged_at(record: SourceRecord, clock: str) -> int | None:
     return time.time_ns() // 1_000_000
 
 
-def row_key(topic: str, partition: int, start_ms: int, entity: str) -> str:
-    """The deterministic key of a result row: (source topic, partition, window, entity)."""
-    return f"{topic}/{partition}/{start_ms}/{entity}"
-
-
-def dead_letter_key(topic: str, partition: int, offset: int) -> str:
-    return f"{topic}/{partition}/{offset}"
-
-
-# Topic names and entity ids never contain "/" (Kafka's and operators.events' alphabets).
-def row_key_position(key: str) -> tuple[tuple[str, int], int]:
-    """A `row_key`'s source partition and window start."""
-    topic, partition, start_ms, _ = key.split("/", 3)
-    return (topic, int(partition)), int(start_ms)
-
-
-def dead_letter_key_position(key: str) -> tuple[tuple[str, int], int]:
-    """A `dead_letter_key`'s source partition and offset."""
-    topic, partition, offset = key.split("/")
-    return (topic, int(partition)), int(offset)
-
-
 def expected_kind(topic: str, iot_topic: str, transactions_topic: str) -> str | None:
     return {iot_topic: "iot", transactions_topic: "transaction"}.get(topic)
-
-
-def encode_watermark(watermark_ms: int | None) -> str:
-    return "" if watermark_ms is None else json.dumps({"watermark_ms": watermark_ms})
-
-
-def decode_watermark(metadata: str | None) -> int | None:
-    """The watermark stored with a committed offset; None for a fresh group or foreign metadata."""
-    try:
-        value = json.loads(metadata or "{}").get("watermark_ms")
-    except (json.JSONDecodeError, AttributeError):
-        return None
-    return value if isinstance(value, int) else None
 
 
 @dataclass(frozen=True)

@@ -36,14 +36,15 @@ from queue import SimpleQueue
 from typing import Any, NamedTuple, Protocol
 
 import ray
-from kafka import KafkaConsumer
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.consumer.subscription_state import AsyncConsumerRebalanceListener
 from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 from ray.util.queue import Empty, Full, Queue
 
-from pipeline.kafka_check import BrokerWatch
+from pipeline.kafka import clients
+from pipeline.kafka.check import BrokerWatch
+from pipeline.kafka.positions import partition_name
 from pipeline.ray_runtime import pack
 
 log = logging.getLogger(__name__)
@@ -55,16 +56,6 @@ _NO_COMMIT = OffsetAndMetadata(-1, "", -1)  # a partition with no commit yet
 CREATE_TIME, LOG_APPEND_TIME = 0, 1
 AWAY = object()  # what `KafkaSourceActor._ask` returns when no broker answered
 PROBE_INTERVAL_S = 1.0  # how often an idle source checks that a broker still answers
-
-
-def partition_name(tp: TopicPartition) -> str:
-    """How snapshots name a partition: `topic:partition` (topic names have no ':')."""
-    return f"{tp.topic}:{tp.partition}"
-
-
-def parse_partition_name(name: str) -> tuple[str, int]:
-    topic, partition = name.rsplit(":", 1)
-    return topic, int(partition)
 
 
 class SourceRecord(NamedTuple):
@@ -269,12 +260,12 @@ class KafkaSourceActor:
         self.stats = {"records": 0, "batches": 0, "commits": 0, "revoked": 0, "paused_seconds": 0.0}
         # A static member (`group_instance_id`) that restarts takes its partitions back at once
         # instead of waiting for the group to expire its predecessor, and fences that one out.
-        self._consumer = KafkaConsumer(
+        self._consumer = clients.consumer(
+            client_options,
             group_id=group_id,
             group_instance_id=group_instance_id,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
-            **client_options,
         )
         self._consumer.subscribe(topics, listener=_Rebalance(self))
         # Know the topics before the first poll joins the group: a leader without their metadata

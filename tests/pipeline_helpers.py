@@ -159,7 +159,7 @@ def send(
 ) -> list[Message]:
     """Create the topic and send `count` simulated messages; returns them."""
     from pipeline.job import ensure_topics
-    from pipeline.settings import kafka_client_options
+    from pipeline.kafka.clients import kafka_client_options
 
     topic = settings.kafka.topics.iot if kind == "iot" else settings.kafka.topics.transactions
     ensure_topics(settings, [topic], partitions)
@@ -207,7 +207,8 @@ def reference_windows(
     from operators.decode import DecodeError, decode
     from operators.events import from_millis
     from pipeline.job import window_spec
-    from pipeline.processing import expected_kind, row_key
+    from pipeline.kafka.positions import row_key
+    from pipeline.processing import expected_kind
 
     windows, reasons = {}, Counter()
     windowers: dict[int, Windower] = {}

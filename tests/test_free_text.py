@@ -26,7 +26,7 @@ from operators.prompts import render_prompt
 from operators.stats import txn_stats
 from operators.summaries import summarize
 from pipeline.job import JobOptions, run_pipeline
-from pipeline.settings import kafka_client_options
+from pipeline.kafka.clients import kafka_client_options
 from pipeline.sim.simulator import simulate
 
 NAMES = [

@@ -33,8 +33,9 @@ from operators.events import to_json_bytes
 from operators.windows import WindowSpec
 from pipeline.dlq import DeadLetterWriter, dead_letter_row, send_letter
 from pipeline.job import JobOptions, ensure_topics, run_pipeline
+from pipeline.kafka.clients import kafka_client_options
 from pipeline.processing import DeadLetter, FlowConfig, PartitionFlow
-from pipeline.settings import Settings, kafka_client_options
+from pipeline.settings import Settings
 from pipeline.sim.simulator import simulate
 from pipeline.sinks.schemas import DEAD_LETTER_SCHEMA
 from pipeline.sinks.sink import ParquetDataset, SinkActor

@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from deploy.local_kafka import _free_ports
 from pipeline.job import JobOptions, ensure_topics, run_pipeline
-from pipeline.settings import kafka_client_options
+from pipeline.kafka.clients import kafka_client_options
 from pipeline.sim.producer import KafkaSink, produce
 from pipeline.sim.simulator import simulate
 

@@ -46,13 +46,8 @@ from operators.stats import window_stats
 from operators.windows import WindowSpec
 from pipeline.inference import row_seed
 from pipeline.job import ensure_topics, replay_floor
-from pipeline.processing import (
-    FlowConfig,
-    PartitionFlow,
-    WindowRequest,
-    decode_watermark,
-    encode_watermark,
-)
+from pipeline.kafka.positions import decode_watermark, encode_watermark
+from pipeline.processing import FlowConfig, PartitionFlow, WindowRequest
 from pipeline.sim.simulator import Mess, simulate
 from pipeline.sinks.schemas import DETERMINISTIC_RESULT_COLUMNS
 from pipeline.source import SourceRecord

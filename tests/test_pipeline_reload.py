@@ -15,7 +15,7 @@ from pipeline_helpers import committed_offsets, pipeline_settings, read_back, ti
 from model.bundle import Registry
 from pipeline.inference import row_seed
 from pipeline.job import JobOptions, ensure_topics, run_pipeline
-from pipeline.settings import kafka_client_options
+from pipeline.kafka.clients import kafka_client_options
 from pipeline.sim.producer import KafkaSink, produce
 from pipeline.sim.simulator import simulate
 

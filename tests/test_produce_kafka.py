@@ -7,7 +7,8 @@ from collections import Counter, defaultdict
 from kafka import KafkaConsumer, TopicPartition
 
 from operators.decode import decode
-from pipeline.settings import KafkaSettings, kafka_client_options
+from pipeline.kafka.clients import kafka_client_options
+from pipeline.settings import KafkaSettings
 from pipeline.sim.producer import KafkaSink, produce
 from pipeline.sim.simulator import Mess, simulate
 

@@ -18,7 +18,7 @@ import pytest
 import ray
 
 from operators.windows import WindowSpec
-from pipeline.processing import dead_letter_key, encode_watermark, row_key
+from pipeline.kafka.positions import dead_letter_key, encode_watermark, row_key
 from pipeline.ray_runtime import pack
 from pipeline.sinks.files import RootLock, SinkError, local_root
 from pipeline.sinks.schemas import DEAD_LETTER_SCHEMA, RESULT_SCHEMA

@@ -17,7 +17,8 @@ from model.bundle import BundleError, Registry
 from pipeline.cli.errors import console, fail, reported
 from pipeline.cli.model import RegistryOpt, Threads, VersionOpt
 from pipeline.cli.train import CpusPerWorker, Workers, run_on_ray
-from pipeline.settings import SettingsError, kafka_client_options
+from pipeline.kafka.clients import kafka_client_options
+from pipeline.settings import SettingsError
 from pipeline.training.recipe_arms import ARMS
 from pipeline.training.stages import TrainConfigError
 from pipeline.training.storage import json_safe
@@ -36,7 +37,7 @@ def produce_command(
 
     Uses kafka.bootstrap_servers, or a throwaway local broker when none is configured."""
     from pipeline.bench_produce import print_bench_produce
-    from pipeline.embedded import kafka_or_local
+    from pipeline.kafka.embedded import kafka_or_local
 
     with reported(SettingsError), kafka_or_local(ctx.find_root().obj.settings()) as settings:
         print_bench_produce(kafka_client_options(settings.kafka), count=count, kind=kind, seed=seed)
@@ -118,7 +119,7 @@ def pipeline_command(
     """End-to-end events/s and tokens/s beside kafka-python's raw consume rate and the
     standalone engine's tokens/s on the same prompts; latency, memory and CPU time per actor. JSON."""
     from pipeline.bench_pipeline import bench_pipeline
-    from pipeline.embedded import kafka_or_local
+    from pipeline.kafka.embedded import kafka_or_local
 
     with reported(SettingsError), kafka_or_local(ctx.find_root().obj.settings()) as settings:
         print(

@@ -15,8 +15,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from operators.facts import score
 from pipeline.cli.errors import fail
-from pipeline.kafka_check import check_kafka
-from pipeline.settings import SettingsError, kafka_client_options
+from pipeline.kafka.check import check_kafka
+from pipeline.kafka.clients import kafka_client_options
+from pipeline.settings import SettingsError
 from pipeline.sim.corpus import read_records, token_stats, write_corpus
 from pipeline.sim.producer import FileSink, KafkaSink, Sink, produce
 from pipeline.sim.simulator import IOT_ANOMALIES, TXN_ANOMALIES, Mess, simulate

@@ -16,8 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from kafka import KafkaProducer
-
+from pipeline.kafka import clients
 from pipeline.sim.simulator import Message
 
 # Throughput-minded batching; durability stays at kafka-python 3's defaults (idempotent, acks=all).
@@ -35,7 +34,7 @@ class KafkaSink:
 
     def __init__(self, topic: str, client_options: dict[str, Any], **producer_options: Any):
         self.topic = topic
-        self.producer = KafkaProducer(**client_options, **{**PRODUCER_TUNING, **producer_options})
+        self.producer = clients.producer(client_options, **{**PRODUCER_TUNING, **producer_options})
         self.errors: list[BaseException] = []
 
     def send(self, key: bytes, value: bytes) -> None:

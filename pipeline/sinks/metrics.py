@@ -18,7 +18,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from pipeline.source import parse_partition_name
+from pipeline.kafka.positions import parse_partition_name
 
 SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 TOKENS = (1, 4, 16, 64, 128, 256, 512, 1024, 2048, 4096, 16384)

@@ -34,7 +34,12 @@ import pyarrow.compute as pc
 import ray
 
 from operators.windows import WindowSpec
-from pipeline.processing import dead_letter_key_position, decode_watermark, row_key_position
+from pipeline.kafka.positions import (
+    dead_letter_key_position,
+    decode_watermark,
+    parse_partition_name,
+    row_key_position,
+)
 from pipeline.ray_runtime import unpack
 from pipeline.sinks.files import (
     TEMP_GLOBS,
@@ -46,7 +51,6 @@ from pipeline.sinks.files import (
 )
 from pipeline.sinks.metrics import PipelineMetrics
 from pipeline.sinks.schemas import DEAD_LETTER_SCHEMA, RESULT_SCHEMA, TELEMETRY_SCHEMA, TIMESTAMP
-from pipeline.source import parse_partition_name
 
 log = logging.getLogger(__name__)
 

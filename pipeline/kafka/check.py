@@ -14,7 +14,6 @@ import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 
-from kafka import KafkaAdminClient
 from kafka.errors import (
     IllegalSaslStateError,
     KafkaError,
@@ -22,7 +21,8 @@ from kafka.errors import (
     UnsupportedSaslMechanismError,
 )
 
-from pipeline.settings import KafkaSettings, SettingsError, kafka_client_options
+from pipeline.kafka.clients import admin_client, kafka_client_options
+from pipeline.settings import KafkaSettings, SettingsError
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def check_kafka(kafka: KafkaSettings) -> None:
     options = kafka_client_options(kafka)
     with _kafka_log_errors() as errors:
         try:
-            KafkaAdminClient(**options).close()
+            admin_client(options).close()
             return
         except KafkaError as error:
             errors.append(error)

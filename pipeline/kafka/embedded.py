@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from deploy.local_kafka import LocalKafka
-from pipeline.kafka_check import check_kafka
+from pipeline.kafka.check import check_kafka
 from pipeline.settings import Settings
 
 
