@@ -37,14 +37,14 @@ from kafka import TopicPartition
 from model.bundle import Registry
 from model.engine import Engine, Request, Sampling
 from pipeline.demo import demo_settings
-from pipeline.inference import Batcher, row_seed
-from pipeline.job import JobOptions, JobReport, ensure_topics, run_pipeline
 from pipeline.kafka import clients
 from pipeline.kafka.clients import kafka_client_options, kafka_consumer_options
 from pipeline.settings import Settings
 from pipeline.sim.producer import KafkaSink, produce
 from pipeline.sim.simulator import simulate
 from pipeline.sinks.files import read_dataset
+from pipeline.stream.inference import Batcher, row_seed
+from pipeline.stream.job import JobOptions, JobReport, ensure_topics, run_pipeline
 
 IOT_SHARE = 0.8
 LIVE_WARMUP_S = 2.0  # rows whose input arrived before the pipeline was consuming are backlog

@@ -22,7 +22,6 @@ from rich.table import Table
 
 from deploy import SHIPPED_REGISTRY
 from model.bundle import LATEST
-from pipeline.job import JobOptions, JobReport, ensure_topics, run_pipeline
 from pipeline.kafka.clients import kafka_client_options
 from pipeline.kafka.embedded import kafka_or_local
 from pipeline.settings import Settings
@@ -32,6 +31,7 @@ from pipeline.sinks.files import read_dataset
 from pipeline.sinks.report import sink_report
 from pipeline.sinks.report_html import write_html_report
 from pipeline.sinks.schemas import RESULT_SCHEMA
+from pipeline.stream.job import JobOptions, JobReport, ensure_topics, run_pipeline
 
 DEMO_MESS = Mess(late=0.01, reordered=0.05, duplicate=0.01, malformed=0.01)
 

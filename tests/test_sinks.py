@@ -19,10 +19,10 @@ import ray
 
 from operators.windows import WindowSpec
 from pipeline.kafka.positions import dead_letter_key, encode_watermark, row_key
-from pipeline.ray_runtime import pack
 from pipeline.sinks.files import RootLock, SinkError, local_root
 from pipeline.sinks.schemas import DEAD_LETTER_SCHEMA, RESULT_SCHEMA
 from pipeline.sinks.sink import Datasets, ParquetDataset, Rows, SinkActor
+from pipeline.stream.runtime import pack
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = pa.schema(

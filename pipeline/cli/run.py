@@ -43,9 +43,9 @@ def run_command(
 ) -> None:
     """Run the streaming pipeline from the settings until SIGTERM/SIGINT (drain, flush, commit)."""
     from model.bundle import BundleError
-    from pipeline.job import JobOptions, preflight, run_pipeline
-    from pipeline.ray_runtime import init_ray
     from pipeline.sinks.files import SinkError
+    from pipeline.stream.job import JobOptions, preflight, run_pipeline
+    from pipeline.stream.runtime import init_ray
 
     settings = ctx.find_root().obj.settings()
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")

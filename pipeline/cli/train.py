@@ -36,7 +36,7 @@ CpusPerWorker = Annotated[
 def run_on_ray(ctx: typer.Context, job, request, corpus: str) -> None:
     """Check the corpus, start or join Ray (the root flags choose), run `job(request, console)`
     and print its JSON. A bad corpus exits with 2 before Ray starts; a failed job with 1."""
-    from pipeline.ray_runtime import init_ray
+    from pipeline.stream.runtime import init_ray
     from pipeline.training.corpus import CorpusError, inspect_corpus
     from pipeline.training.job import TrainJobError
 

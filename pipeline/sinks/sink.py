@@ -40,7 +40,6 @@ from pipeline.kafka.positions import (
     parse_partition_name,
     row_key_position,
 )
-from pipeline.ray_runtime import unpack
 from pipeline.sinks.files import (
     TEMP_GLOBS,
     RootLock,
@@ -51,6 +50,7 @@ from pipeline.sinks.files import (
 )
 from pipeline.sinks.metrics import PipelineMetrics
 from pipeline.sinks.schemas import DEAD_LETTER_SCHEMA, RESULT_SCHEMA, TELEMETRY_SCHEMA, TIMESTAMP
+from pipeline.stream.runtime import unpack
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +184,7 @@ class Datasets:
         windows_since: datetime | None = None,
     ) -> None:
         """`windows_since`: no replay can fire a window that started before it (see
-        `pipeline.job.replay_floor`): the keys of older result rows are not read back."""
+        `pipeline.stream.job.replay_floor`): the keys of older result rows are not read back."""
         rotation = {"rotate_rows": rotate_rows, "rotate_seconds": rotate_seconds}
         self.results = ParquetDataset(
             root / "results",
@@ -226,7 +226,7 @@ class Datasets:
 @dataclass(frozen=True)
 class Rows:
     """One write to the sink: result rows and dead letters, each with the index of the source
-    that waits for it, and telemetry rows; sent packed (`pipeline.ray_runtime.pack`)."""
+    that waits for it, and telemetry rows; sent packed (`pipeline.stream.runtime.pack`)."""
 
     results: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
     telemetry: list[dict[str, Any]] = field(default_factory=list)

@@ -31,8 +31,6 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from model.bundle import Registry
 from operators.events import from_millis
 from operators.windows import WindowSpec
-from pipeline.dlq import DeadLetterWriter
-from pipeline.inference import InferenceActor
 from pipeline.kafka import clients
 from pipeline.kafka.check import BrokerWatch, KafkaUnavailable, check_kafka
 from pipeline.kafka.clients import (
@@ -41,13 +39,15 @@ from pipeline.kafka.clients import (
     kafka_producer_options,
 )
 from pipeline.kafka.positions import decode_watermark
-from pipeline.processing import FlowConfig, WindowStage
-from pipeline.ray_runtime import check_actors_fit, init_ray, local_ray_cpus, wait_placed
 from pipeline.settings import MetricsSettings, RaySettings, Settings, SettingsError
 from pipeline.sinks.files import local_root
 from pipeline.sinks.metrics import MetricsReporter
 from pipeline.sinks.sink import SinkActor
-from pipeline.source import KafkaSourceActor
+from pipeline.stream.dlq import DeadLetterWriter
+from pipeline.stream.flow import FlowConfig, WindowStage
+from pipeline.stream.inference import InferenceActor
+from pipeline.stream.runtime import check_actors_fit, init_ray, local_ray_cpus, wait_placed
+from pipeline.stream.source import KafkaSourceActor
 
 log = logging.getLogger(__name__)
 

@@ -18,10 +18,10 @@ from kafka.producer.future import FutureRecordMetadata
 
 from operators.events import from_millis
 from pipeline.kafka import clients
-from pipeline.processing import DeadLetter
-from pipeline.ray_runtime import cap_in_flight, pack
 from pipeline.sinks.sink import Rows
-from pipeline.source import SourceRecord
+from pipeline.stream.flow import DeadLetter
+from pipeline.stream.runtime import cap_in_flight, pack
+from pipeline.stream.source import SourceRecord
 
 MAX_WRITES_IN_FLIGHT = 4
 # A producer may set any int64 as a record's timestamp; the dataset's time column (and its hour

@@ -1,4 +1,5 @@
-"""Inference actors: closed windows in, result rows and per-batch telemetry out to the sink.
+"""Inference actors: closed windows in, result rows (rows.py) and per-batch telemetry
+(telemetry.py) out to the sink.
 
 Each actor takes lists of `WindowRequest`s off the bounded request queue, tokenizes each prompt
 (<bos> + text; the engine left-pads it to a multiple of K), and forms batches by a token budget
@@ -23,8 +24,7 @@ import resource
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, TypeVar
 
 import ray
 from ray.util.queue import Empty, Queue
@@ -34,13 +34,12 @@ from model.chunking import num_left_pads
 from model.config import CALMConfig, config_from_dict
 from model.engine import Engine, Request, Result, Sampling
 from model.flops import ar_request_flops, baseline_of, calm_request_flops
-from operators.events import from_millis
-from operators.facts import score
-from pipeline.processing import WindowRequest
-from pipeline.ray_runtime import cap_in_flight, pack, unpack
 from pipeline.settings import ModelSettings, PricingSettings
 from pipeline.sinks.sink import Rows
-from pipeline.telemetry import BatchTiming, batch_telemetry
+from pipeline.stream.flow import WindowRequest
+from pipeline.stream.rows import Generated, Model, result_row
+from pipeline.stream.runtime import cap_in_flight, pack, unpack
+from pipeline.stream.telemetry import BatchTiming, batch_telemetry
 
 log = logging.getLogger(__name__)
 MAX_WRITES_IN_FLIGHT = 2
@@ -51,38 +50,11 @@ def row_seed(key: str, model_id: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{key}\n{model_id}".encode()).digest()[:8], "big") >> 1
 
 
-@dataclass(frozen=True)
-class Generated:
-    """One request's output, the noise seed it was drawn with, and its accounting."""
-
-    seed: int
-    output: str
-    finish_reason: str
-    tokens_in: int
-    tokens_out: int
-    steps: int
-    draws: int
-    flops: float
-    baseline_flops: float
-    prefill_seconds: float
-    decode_seconds: float
-
-
-class Model(Protocol):
-    name: str
-    version: str
-    k: int
-    id: str  # the bundle directory name, `<name>-<version>`
-
-    def cost(self, prompt: str) -> int: ...
-
-    def generate(self, requests: list[WindowRequest]) -> list[Generated]: ...
-
-
 class Passthrough:
     """The model switched off: no tokens, no compute, the stream and the sinks only."""
 
     name, version, k, id = "passthrough", "off", 0, "passthrough-off"
+    summarizes = False
     # No noise is drawn; frozen, so one instance serves every request.
     nothing = Generated(0, "", "off", 0, 0, 0, 0, 0.0, 0.0, 0.0, 0.0)
 
@@ -95,6 +67,8 @@ class Passthrough:
 
 class CalmModel:
     """A bundle's CALM in the onnxruntime engine, with its analytic FLOPs."""
+
+    summarizes = True
 
     def __init__(self, registry: Registry, version: str, settings: ModelSettings) -> None:
         self.bundle = registry.open(version)
@@ -187,59 +161,6 @@ class Batcher(Generic[T]):
             tokens += cost
         self._tokens -= tokens
         return batch
-
-
-def faithfulness(
-    request: WindowRequest, generated: Generated, model: Model, task: str
-) -> dict[str, Any]:
-    """How faithful a summary is to its window: the share of the window's facts it states
-    correctly (operators.facts) and how many facts it states that the window does not have.
-    None where nothing was summarized (another task, or the model switched off)."""
-    if task != "summarize" or isinstance(model, Passthrough):
-        return {"fact_accuracy": None, "invented_facts": None}
-    s = score(generated.output, request.facts)
-    return {"fact_accuracy": s.accuracy, "invented_facts": s.stated - s.matched}
-
-
-def result_row(
-    request: WindowRequest,
-    generated: Generated,
-    model: Model,
-    task: str,
-    queue_seconds: float,
-    finished_at: float,
-) -> dict[str, Any]:
-    return {
-        "key": request.key,
-        "topic": request.topic,
-        "partition": request.partition,
-        "entity": request.entity,
-        "kind": request.kind,
-        "window_start": from_millis(request.start_ms),
-        "window_end": from_millis(request.end_ms),
-        "first_offset": request.first_offset,
-        "last_offset": request.last_offset,
-        "events": request.events,
-        "last_ingested": from_millis(request.last_ingested_ms),
-        "task": task,
-        "prompt": request.prompt,
-        "output": generated.output,
-        "finish_reason": generated.finish_reason,
-        "facts": list(request.facts),
-        **faithfulness(request, generated, model, task),
-        "model_name": model.name,
-        "model_version": model.version,
-        "k": model.k,
-        "seed": generated.seed,
-        "tokens_in": generated.tokens_in,
-        "tokens_out": generated.tokens_out,
-        "steps": generated.steps,
-        "draws": generated.draws,
-        "queue_seconds": queue_seconds,
-        "prefill_seconds": generated.prefill_seconds,
-        "decode_seconds": generated.decode_seconds,
-        "latency_seconds": max(0.0, finished_at - request.last_ingested_ms / 1000),
-    }
 
 
 @ray.remote(max_concurrency=2)  # `stop` is served while `run` loops

@@ -36,7 +36,7 @@ from operators.prompts import render_prompt
 from operators.stats import window_stats
 from operators.windows import ClosedWindow, Rejected, Windower, WindowSpec
 from pipeline.kafka.positions import dead_letter_key, decode_watermark, encode_watermark, row_key
-from pipeline.source import LOG_APPEND_TIME, SourceRecord, Work
+from pipeline.stream.source import LOG_APPEND_TIME, SourceRecord, Work
 
 log = logging.getLogger(__name__)
 

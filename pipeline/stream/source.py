@@ -18,7 +18,7 @@ runs on kafka-python's IO thread and awaits the commit); a newly assigned partit
 the stage, with its committed offset and metadata, before its first records are processed.
 
 Two stages exist: `BatchStage` here (each poll becomes one `Batch`, committed once acknowledged)
-and `pipeline.processing.WindowStage` (the streaming pipeline's decode/window/render).
+and `pipeline.stream.flow.WindowStage` (the streaming pipeline's decode/window/render).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from ray.util.queue import Empty, Full, Queue
 from pipeline.kafka import clients
 from pipeline.kafka.check import BrokerWatch
 from pipeline.kafka.positions import partition_name
-from pipeline.ray_runtime import pack
+from pipeline.stream.runtime import pack
 
 log = logging.getLogger(__name__)
 
@@ -213,7 +213,7 @@ class _Rebalance(AsyncConsumerRebalanceListener):
 @ray.remote(max_concurrency=2)  # `stop` and `acknowledge` are served while `run` loops
 class KafkaSourceActor:
     """Polls `topics` in consumer group `group_id` and puts the stage's work items on `out`, each
-    packed (`pipeline.ray_runtime.unpack` gives it back);
+    packed (`pipeline.stream.runtime.unpack` gives it back);
     `flush_downstream`, called while draining, asks the sink to make what it holds durable now;
     `watch` says how long a broker that went away is waited for (module docstring)."""
 

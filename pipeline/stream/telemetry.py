@@ -1,4 +1,4 @@
-"""The telemetry row of one inference batch (DESIGN.md section 4).
+"""The telemetry row of one inference batch (TELEMETRY_SCHEMA in pipeline/sinks/schemas.py).
 
 Tokens, generative steps and tokens per step, queue / prefill / decode seconds, tokens/s,
 analytic FLOPs, and the cost: the node's price for the wall-clock time the actor held it since its
@@ -12,13 +12,11 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from operators.cost import batch_cost
 from pipeline.settings import PricingSettings
-
-if TYPE_CHECKING:
-    from pipeline.inference import Generated, Model
+from pipeline.stream.rows import Generated, Model
 
 
 @dataclass(frozen=True)
