@@ -460,3 +460,27 @@ def _first_layer(path: tuple[str, ...], layers: list[tuple[str, Mapping[str, Any
 def masked(settings: Settings) -> dict[str, Any]:
     """The settings as plain data with every secret replaced by '**********'."""
     return settings.model_dump(mode="json")  # SecretStr dumps as '**********' in json mode
+
+
+def run_scoped_settings(settings: Settings, run_id: str) -> Settings:
+    """Fresh topics, group and output directory for one self-contained run (`calm-stream demo`,
+    `calm-stream bench pipeline`); the shipped bundle unless the configured registry holds one."""
+    topics = settings.kafka.topics.model_copy(
+        update={
+            name: f"demo-{run_id}.{getattr(settings.kafka.topics, name)}"
+            for name in ("iot", "transactions", "dlq", "late")
+        }
+    )
+    kafka = settings.kafka.model_copy(
+        update={"topics": topics, "group_id": f"calm-stream-demo-{run_id}"}
+    )
+    sinks = settings.sinks.model_copy(
+        update={
+            "root": str(Path(settings.sinks.root) / f"demo-{run_id}"),
+            "rotate_seconds": min(settings.sinks.rotate_seconds, 2.0),
+        }
+    )
+    model = settings.model
+    if not (Path(model.registry) / LATEST).is_file():
+        model = model.model_copy(update={"registry": str(SHIPPED_REGISTRY)})
+    return settings.model_copy(update={"kafka": kafka, "sinks": sinks, "model": model})

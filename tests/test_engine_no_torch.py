@@ -56,7 +56,7 @@ def test_engine_generates_without_torch(registry):
         import json, sys
         from model.bundle import Registry
         from model.engine import Engine, Request, Sampling
-        import pipeline.cli.model, pipeline.stream.inference, model.bench_generate
+        import pipeline.cli.model, pipeline.stream.inference, pipeline.bench.generate
         bundle = Registry({str(registry)!r}).open()
         engine = Engine(bundle, "calm")
         out = engine.generate([Request(engine.prompt_ids("sensor"), seed=3, max_new_tokens=9)],

@@ -1,6 +1,6 @@
 """`calm-stream bench ...`: one command per benchmark, each printing one JSON document (benchmarks
 are commands, never timed tests). Each command parses its options, calls the benchmark's one
-function in pipeline/bench/ (or pipeline/training/ for the ones that train) and prints.
+function in pipeline/bench/ and prints.
 
 The heavy modules are imported inside the commands, so that `--help` stays fast and torch-free.
 """
@@ -36,7 +36,7 @@ def produce_command(
     """Simulator -> Kafka rate against kafka-python's raw produce rate for the same payloads.
 
     Uses kafka.bootstrap_servers, or a throwaway local broker when none is configured."""
-    from pipeline.bench_produce import print_bench_produce
+    from pipeline.bench.produce import print_bench_produce
     from pipeline.kafka.embedded import kafka_or_local
 
     with reported(SettingsError), kafka_or_local(ctx.find_root().obj.settings()) as settings:
@@ -46,7 +46,7 @@ def produce_command(
 @bench_app.command("sampling")
 def sampling_command() -> None:
     """Vectorised samplers vs a per-row loop, and the adaptive sampler's draws and bias."""
-    from model.bench_sampling import main as bench_sampling_main
+    from pipeline.bench.sampling import main as bench_sampling_main
 
     bench_sampling_main()
 
@@ -78,7 +78,7 @@ def generate_command(
     out: Annotated[Path | None, typer.Option("--out", help="Also write the JSON here.")] = None,
 ) -> None:
     """CALM K=4 vs the same-backbone AR baseline, onnxruntime vs torch eager; prints JSON."""
-    from model.bench_generate import run_benchmark
+    from pipeline.bench.generate import run_benchmark
 
     settings = ctx.find_root().obj.settings().model
     try:
@@ -118,7 +118,7 @@ def pipeline_command(
 ) -> None:
     """End-to-end events/s and tokens/s beside kafka-python's raw consume rate and the
     standalone engine's tokens/s on the same prompts; latency, memory and CPU time per actor. JSON."""
-    from pipeline.bench_pipeline import bench_pipeline
+    from pipeline.bench.pipeline import bench_pipeline
     from pipeline.kafka.embedded import kafka_or_local
 
     with reported(SettingsError), kafka_or_local(ctx.find_root().obj.settings()) as settings:
@@ -160,7 +160,7 @@ def reproduce_command(
     ] = False,
 ) -> None:
     """The paper's table in miniature: AE, CALM K=1/2/4 and AR at two sizes under one CPU budget."""
-    from pipeline.training.reproduce import ReproduceRequest, run_reproduction
+    from pipeline.bench.reproduce import ReproduceRequest, run_reproduction
 
     request = ReproduceRequest(
         out=out,
@@ -211,7 +211,7 @@ def recipe_command(
     """The recipe study: CALM (and AR) recipes side by side under one wall-clock budget, with
     learning curves of summary loss and teacher-forced digit-chunk accuracy, then BrierLM, fact
     accuracy and head draws per step on the test split."""
-    from pipeline.training.recipe_study import load_assets, run_study
+    from pipeline.bench.recipe import load_assets, run_study
 
     try:
         assets = load_assets(run, corpus, str(config) if config else None, assignments or [])

@@ -90,35 +90,38 @@ def export_command(
     """Export CALM (and its AR baseline) to ONNX and publish a verified bundle."""
     import tempfile
 
-    from model.bench_generate import summary_quality
     from model.bundle import update_manifest
     from model.checkpoint import load_checkpoint
-    from model.export import TrainedModels, export_bundle, load_training_run
+    from model.export import export_bundle
+    from pipeline.bench.generate import summary_quality
     from pipeline.sim.corpus import read_records
+    from pipeline.training.storage import FinishedRun, read_finished_run
 
     version = version or datetime.now(UTC).strftime("%Y%m%d.%H%M%S")
     try:
         if (checkpoint / "run.json").is_file():
-            trained = load_training_run(checkpoint)
+            trained = read_finished_run(checkpoint)  # the run's layout is storage.py's business
         else:
             if tokenizer is None:
                 raise ValueError("a checkpoint directory needs --tokenizer")
-            trained = TrainedModels(
-                calm=load_checkpoint(checkpoint),
-                ar=load_checkpoint(baseline) if baseline else None,
+            trained = FinishedRun(
+                calm_checkpoint=checkpoint,
+                ar_checkpoint=baseline,
                 tokenizer_path=tokenizer,
                 metrics={},
                 recipe={"checkpoint": str(checkpoint.resolve())},
             )
+        calm = load_checkpoint(trained.calm_checkpoint)
+        ar = load_checkpoint(trained.ar_checkpoint) if trained.ar_checkpoint else None
         registry = Registry(out)
         with tempfile.TemporaryDirectory() as tmp, console.status("exporting ONNX graphs"):
             bundle = export_bundle(
-                trained.calm,
+                calm,
                 trained.tokenizer_path,
                 tmp,
                 name,
                 version,
-                ar=trained.ar,
+                ar=ar,
                 metrics=trained.metrics,
                 recipe=trained.recipe | {"export": " ".join(["calm-stream", *sys.argv[1:]])},
                 int8=int8,

@@ -1,4 +1,4 @@
-"""Benchmark: the simulator's produce rate to Kafka against kafka-python's raw produce rate.
+"""`calm-stream bench produce`: the simulator's produce rate to Kafka against kafka-python's raw produce rate.
 
 Three passes in one run, same count: the simulator alone (no broker), kafka-python sending
 pre-built payloads of the simulator's sizes (the ceiling of one Python producer), and the

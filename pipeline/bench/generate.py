@@ -1,7 +1,7 @@
 """Generation benchmark: CALM K=4 vs its same-backbone AR baseline, onnxruntime vs torch eager.
 
-`calm-stream bench generate` (or `python -m model.bench_generate BUNDLE_DIR`) prints one JSON
-document. Every backend runs in its own process (`python -m model.bench_generate --worker ...`):
+`calm-stream bench generate` (or `python -m pipeline.bench.generate BUNDLE_DIR`) prints one JSON
+document. Every backend runs in its own process (`python -m pipeline.bench.generate --worker ...`):
 torch's OpenMP threads keep spinning after a call and distort an onnxruntime run that follows in
 the same process. The backends alternate for `repeats` rounds, so a machine whose load drifts
 disturbs both sides alike; each case's rates come from its best round (the least disturbed one,
@@ -200,16 +200,19 @@ class _Torch:
     def __init__(self, bundle: "Bundle", threads: int, checkpoint: Path | None):
         import torch
 
-        from model.checkpoint import build_model
+        from model.checkpoint import build_model, load_checkpoint
         from model.tokenizer import BOS_ID, Tokenizer
 
         torch.set_num_threads(threads)
         self.tokenizer, self.bos = Tokenizer.load(bundle.tokenizer_path), BOS_ID
         if checkpoint is not None:
-            from model.export import load_training_run
+            from pipeline.training.storage import read_finished_run
 
-            trained = load_training_run(checkpoint)
-            self.models = {"calm": trained.calm, "ar": trained.ar}
+            run = read_finished_run(checkpoint)
+            self.models = {
+                "calm": load_checkpoint(run.calm_checkpoint),
+                "ar": load_checkpoint(run.ar_checkpoint) if run.ar_checkpoint else None,
+            }
         else:
             torch.manual_seed(0)
             self.models = {
@@ -321,7 +324,7 @@ def _subprocess_json(argv: list[str], threads: int) -> Any:
         "MKL_NUM_THREADS": str(threads),
     }
     done = subprocess.run(
-        [sys.executable, "-m", "model.bench_generate", *argv],
+        [sys.executable, "-m", "pipeline.bench.generate", *argv],
         env=env,
         stdout=subprocess.PIPE,
         text=True,

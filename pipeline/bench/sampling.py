@@ -1,6 +1,6 @@
 """Benchmark of the temperature samplers on known chunk distributions; prints JSON.
 
-`python -m model.bench_sampling` reports
+`python -m pipeline.bench.sampling` reports
 - speed: the vectorised samplers against a straightforward per-row Python loop on the same inputs
   (the approximate rule as the official code writes it: Counter + math.comb + random.choices;
   the exact algorithm calling `draw` for one row at a time);

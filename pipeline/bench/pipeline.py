@@ -36,10 +36,9 @@ from kafka import TopicPartition
 
 from model.bundle import Registry
 from model.engine import Engine, Request, Sampling
-from pipeline.demo import demo_settings
 from pipeline.kafka import clients
 from pipeline.kafka.clients import kafka_client_options, kafka_consumer_options
-from pipeline.settings import Settings
+from pipeline.settings import Settings, run_scoped_settings
 from pipeline.sim.producer import KafkaSink, produce
 from pipeline.sim.simulator import simulate
 from pipeline.sinks.files import read_dataset
@@ -229,7 +228,7 @@ def bench_pipeline(
 ) -> dict[str, Any]:
     """Every phase in one run (see the module docstring); `model_events` (a prefix of the same
     simulated streams) feed the phases with the model, which are far slower than the stream."""
-    settings = demo_settings(settings, f"bench-{uuid.uuid4().hex[:8]}")
+    settings = run_scoped_settings(settings, f"bench-{uuid.uuid4().hex[:8]}")
     settings = settings.model_copy(
         update={
             "sinks": settings.sinks.model_copy(update={"rotate_seconds": 1.0}),
