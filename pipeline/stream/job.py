@@ -167,7 +167,7 @@ def _check_sink_root(root: str) -> None:
 def _check_local_ray_fits(settings: RaySettings) -> None:
     """A local Ray has a fixed number of CPUs and no autoscaler: actors that ask for more than it
     has would wait for ever. (A Ray that runs already, or a cluster, is checked once joined:
-    ray_runtime.check_actors_fit, and wait_placed bounds the wait for an autoscaler.)"""
+    runtime.check_actors_fit, and wait_placed bounds the wait for an autoscaler.)"""
     cpus = None if ray.is_initialized() else local_ray_cpus(settings)
     sources, inference = settings.source_actors, settings.inference_actors
     need = sources * settings.source_actor_cpus + inference * settings.inference_actor_cpus
