@@ -6,7 +6,7 @@ generation can stop on <eos>). A training row is
     <pad> * r  <bos>  stream[s : s + T - r - 1]
 
 with s a random stream position and r uniform in 0..K-1. A prompt at inference is <bos> + text,
-left-padded to a multiple of K (operators.chunking.left_pad_to_multiple): exactly this shape, so
+left-padded to a multiple of K (model.chunking.left_pad_to_multiple): exactly this shape, so
 every prompt length puts the model on padding it was trained on. r = 0 for the AR baseline.
 """
 
@@ -112,7 +112,7 @@ def document_layout(
 
     Document i (`stream[offsets[i]:offsets[i+1]]`, `<bos> prompt summary <eos>`) becomes
     `<pad>*r  document  <pad>*q`: r = -summary_start mod K puts the summary on a chunk boundary,
-    exactly where a prompt left-padded to a multiple of K (operators.chunking) puts the first
+    exactly where a prompt left-padded to a multiple of K (model.chunking) puts the first
     generated chunk, and q fills the document's last chunk. Returns (ids, summary, starts): the
     laid-out tokens, a mask of each summary's tokens (<eos> included) and each document's start.
     """

@@ -47,8 +47,8 @@ import onnxruntime as ort
 
 from model import sampling as chunk_samplers
 from model.bundle import Bundle, BundleError
+from model.chunking import accept_chunk, pad_prompts
 from model.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
-from operators.chunking import accept_chunk, pad_prompts
 
 ModelKind = Literal["calm", "ar"]
 SAMPLER_LOGITS_BYTES = 64 << 20

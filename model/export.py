@@ -30,12 +30,10 @@ matrix into a lookup table (`_ChunkEmbedding`) and carry the sampling that would
 second call (CALM) or numpy work (AR) per step.
 """
 
-import json
 import math
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -52,7 +50,6 @@ from model.ar import ARModel
 from model.backbone import Attention
 from model.bundle import Bundle, write_bundle
 from model.calm import CALM
-from model.checkpoint import load_checkpoint
 from model.config import ARConfig, CALMConfig, config_to_dict
 from model.flops import inference_flops_per_token
 from model.tokenizer import BOS_ID, EOS_ID, MASK_ID, PAD_ID, Tokenizer
@@ -415,53 +412,3 @@ def export_bundle(
         files = {p.name: p for p in paths.values()} | {"tokenizer.json": Path(tokenizer_path)}
         graphs = {role: path.name for role, path in paths.items()}
         return write_bundle(root, name, version, files, graphs, fields)
-
-
-@dataclass
-class TrainedModels:
-    """What a training run (pipeline/training, storage layout 1) hands to the exporter."""
-
-    calm: CALM
-    ar: ARModel | None
-    tokenizer_path: Path
-    metrics: dict[str, Any]
-    recipe: dict[str, Any]
-
-
-def load_training_run(run_dir: str | Path) -> TrainedModels:
-    """The final CALM (and AR baseline, if trained) of a run directory, with metrics and recipe.
-
-    Layout: run.json, tokenizer/tokenizer.json and <stage>/complete.json naming each stage's final
-    checkpoint (pipeline/training/storage.py).
-    """
-    run_dir = Path(run_dir)
-    if not (run_dir / "run.json").is_file():
-        raise FileNotFoundError(f"{run_dir} is not a training run directory (no run.json)")
-    markers = {
-        stage: json.loads((run_dir / stage / "complete.json").read_text())
-        for stage in ("tokenizer", "autoencoder", "calm", "ar")
-        if (run_dir / stage / "complete.json").is_file()
-    }
-    if "calm" not in markers:
-        raise FileNotFoundError(
-            f"{run_dir}: the calm stage is not complete (no calm/complete.json)"
-        )
-    models = {
-        stage: load_checkpoint(run_dir / markers[stage]["final_checkpoint"])
-        for stage in ("calm", "ar")
-        if stage in markers
-    }
-    recipe = {
-        "run": json.loads((run_dir / "run.json").read_text()),
-        "stages": {
-            stage: {k: marker[k] for k in ("steps", "workers", "wall_s", "cost") if k in marker}
-            for stage, marker in markers.items()
-        },
-    }
-    return TrainedModels(
-        calm=models["calm"],
-        ar=models.get("ar"),
-        tokenizer_path=run_dir / "tokenizer" / "tokenizer.json",
-        metrics={stage: marker.get("metrics", {}) for stage, marker in markers.items()},
-        recipe=recipe,
-    )

@@ -95,3 +95,56 @@ def inference_flops_per_token(
         b = config.backbone
         return backbone_forward(b, context) + linear(b.d_model, b.vocab_size)
     raise TypeError(f"no FLOPs model for {type(config).__name__}")
+
+
+# Whole requests, as the serving engine runs them (model/engine.py): the telemetry prices these.
+# A request is a prefill over its prompt positions (attention computed densely over the whole
+# prompt, masked), then one generative step per output position; every step but the last feeds
+# its output back through the backbone at one more position of context.
+
+
+def _prefill_and_feedback(position: float, per_context: float, prompt: int, steps: int) -> float:
+    """Backbone FLOPs of a request: `position` per position plus `per_context` per key attended."""
+    prefill = prompt * (position + per_context * prompt)
+    fed_back = max(steps - 1, 0)  # the last output is never fed back
+    first_key = prompt + 1
+    decode = fed_back * position + per_context * fed_back * (2 * first_key + fed_back - 1) / 2
+    return prefill + decode
+
+
+def calm_request_flops(config: CALMConfig, prompt_chunks: int, steps: int, draws: int) -> float:
+    """FLOPs of one CALM request: prefill over `prompt_chunks`, then `steps` generative steps
+    that drew `draws` chunks in total (draws >= steps; equal at T = 1): each draw is one head
+    and decoder pass, the head's hidden projection runs once per step."""
+    if prompt_chunks < 1 or steps < 0 or draws < steps:
+        raise ValueError(
+            f"need prompt_chunks >= 1 and draws >= steps >= 0, got "
+            f"{prompt_chunks}, {steps}, {draws}"
+        )
+    position = compress_forward(config) + backbone_forward(config.backbone, 0)
+    per_context = backbone_forward(config.backbone, 1) - backbone_forward(config.backbone, 0)
+    backbone = _prefill_and_feedback(position, per_context, prompt_chunks, steps)
+    sample = head_forward(config, 1) - linear(config.backbone.d_model, config.backbone.d_model)
+    hidden_projection = linear(config.backbone.d_model, config.backbone.d_model)
+    heads = steps * hidden_projection + draws * (sample + ae_decoder_forward(config.autoencoder))
+    return backbone + heads
+
+
+def ar_request_flops(config: ARConfig, prompt_tokens: int, output_tokens: int) -> float:
+    """FLOPs of the discrete baseline producing `output_tokens` after `prompt_tokens`."""
+    if prompt_tokens < 1 or output_tokens < 0:
+        raise ValueError(
+            f"need prompt_tokens >= 1 and output_tokens >= 0, got {prompt_tokens}, {output_tokens}"
+        )
+    b = config.backbone
+    position = backbone_forward(b, 0)
+    per_context = backbone_forward(b, 1) - position
+    backbone = _prefill_and_feedback(position, per_context, prompt_tokens, output_tokens)
+    return backbone + output_tokens * linear(b.d_model, b.vocab_size)
+
+
+def baseline_of(config: CALMConfig) -> ARConfig:
+    """The discrete model a CALM is compared with: CALM's backbone with a token head (K = 1)."""
+    return ARConfig(
+        backbone=config.backbone, bos_id=config.bos_id, eos_id=config.eos_id, pad_id=config.pad_id
+    )

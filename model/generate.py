@@ -4,7 +4,7 @@ One loop serves both models; each generative step emits a chunk of k tokens (CAL
 model/engine.py runs the same loop on onnxruntime; with the same seeds both give the same tokens.
 
 - Ragged prompts: each prompt (token ids as the model reads them, normally starting with <bos>)
-  is left-padded with <pad> to a multiple of k (operators.chunking.left_pad_to_multiple: the
+  is left-padded with <pad> to a multiple of k (model.chunking.left_pad_to_multiple: the
   padding CALM saw in training), then the batch is left-padded with whole pad chunks that the
   attention mask hides; position ids start at each row's first real chunk.
 - Stopping: a row ends at its first <eos> (not emitted) or at its token limit; the last chunk is
@@ -25,11 +25,10 @@ from typing import Literal
 import numpy as np
 import torch
 
-from model import sampling
+from model import chunking, sampling
 from model.ar import ARModel
 from model.calm import CALM
 from model.tokenizer import EOS_ID, PAD_ID
-from operators import chunking
 
 SamplerName = Literal["adaptive", "exact", "approximate"]
 
@@ -43,7 +42,7 @@ class Generation:
 
 
 def pad_prompts(prompts: Sequence[Sequence[int]], k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(chunks [B, n, k], chunk mask [B, n]) as tensors: operators.chunking.pad_prompts."""
+    """(chunks [B, n, k], chunk mask [B, n]) as tensors: model.chunking.pad_prompts."""
     chunks, mask = chunking.pad_prompts(prompts, k, PAD_ID)
     return torch.from_numpy(chunks), torch.from_numpy(mask)
 

@@ -1,10 +1,7 @@
-"""Cost arithmetic of one inference batch: analytic FLOPs, dollars, and the discrete counterfactual.
+"""Cost arithmetic of one inference batch: dollars, and the discrete counterfactual's dollars.
 
-- FLOPs come from the per-position counts of `model.flops` (2 FLOPs per multiply-add of every
-  matrix product), as the engine executes them. A CALM request is a prefill over its prompt
-  chunks (attention computed densely over the whole prompt, masked), then one generative step per
-  output chunk: `draws` head+decoder passes (1 at T = 1, the sampler's draws otherwise) and, for
-  every step after the first, the compressor and the backbone on the chunk just produced.
+- FLOPs are the model's own business (`model.flops`: `calm_request_flops`, `ar_request_flops`);
+  this module only prices them, so there is one FLOPs model.
 - The counterfactual is the discrete baseline with the same backbone (K = 1, untied vocabulary
   head) producing the same output tokens from the same prompt: one step per token.
 - Dollars: the node's price per hour times the wall-clock seconds the actor held it, idle time
@@ -15,53 +12,7 @@
 
 from dataclasses import dataclass
 
-from model.config import ARConfig, CALMConfig
-from model.flops import ae_decoder_forward, backbone_forward, compress_forward, head_forward, linear
-
 SECONDS_PER_HOUR = 3600.0
-
-
-def calm_request_flops(config: CALMConfig, prompt_chunks: int, steps: int, draws: int) -> float:
-    """FLOPs of one CALM request: prefill over `prompt_chunks`, then `steps` generative steps
-    that drew `draws` chunks in total (draws >= steps; equal at T = 1)."""
-    if prompt_chunks < 1 or steps < 0 or draws < steps:
-        raise ValueError(
-            f"need prompt_chunks >= 1 and draws >= steps >= 0, got "
-            f"{prompt_chunks}, {steps}, {draws}"
-        )
-    position = compress_forward(config) + backbone_forward(config.backbone, 0)
-    per_context = backbone_forward(config.backbone, 1) - backbone_forward(config.backbone, 0)
-    prefill = prompt_chunks * (position + per_context * prompt_chunks)
-    fed_back = max(steps - 1, 0)  # the last chunk is never fed back
-    first_key = prompt_chunks + 1
-    decode = fed_back * position + per_context * fed_back * (2 * first_key + fed_back - 1) / 2
-    sample = head_forward(config, 1) - linear(config.backbone.d_model, config.backbone.d_model)
-    hidden_projection = linear(config.backbone.d_model, config.backbone.d_model)
-    heads = steps * hidden_projection + draws * (sample + ae_decoder_forward(config.autoencoder))
-    return prefill + decode + heads
-
-
-def ar_request_flops(config: ARConfig, prompt_tokens: int, output_tokens: int) -> float:
-    """FLOPs of the discrete baseline producing `output_tokens` after `prompt_tokens`."""
-    if prompt_tokens < 1 or output_tokens < 0:
-        raise ValueError(
-            f"need prompt_tokens >= 1 and output_tokens >= 0, got {prompt_tokens}, {output_tokens}"
-        )
-    b = config.backbone
-    position = backbone_forward(b, 0)
-    per_context = backbone_forward(b, 1) - position
-    prefill = prompt_tokens * (position + per_context * prompt_tokens)
-    fed_back = max(output_tokens - 1, 0)
-    first_key = prompt_tokens + 1
-    decode = fed_back * position + per_context * fed_back * (2 * first_key + fed_back - 1) / 2
-    return prefill + decode + output_tokens * linear(b.d_model, b.vocab_size)
-
-
-def baseline_of(config: CALMConfig) -> ARConfig:
-    """The discrete model the counterfactual prices: CALM's backbone with a token head."""
-    return ARConfig(
-        backbone=config.backbone, bos_id=config.bos_id, eos_id=config.eos_id, pad_id=config.pad_id
-    )
 
 
 def dollars(price_per_hour: float, seconds: float, node_share: float = 1.0) -> float:

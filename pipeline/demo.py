@@ -1,6 +1,6 @@
 """`calm-stream demo`: the whole pipeline on a laptop, from simulated events to Parquet.
 
-With no Kafka configured a throwaway local broker is started (pipeline.embedded); simulated IoT
+With no Kafka configured a throwaway local broker is started (pipeline.kafka.embedded); simulated IoT
 readings and card payments, with a few malformed, late, reordered and duplicated messages, are
 sent to fresh topics; the pipeline runs on a local Ray with the shipped model bundle until the
 input is consumed; then a short table shows results, throughput, cost and where the files are, and
@@ -20,16 +20,16 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from deploy import SHIPPED_REGISTRY
-from model.bundle import LATEST
-from pipeline.embedded import kafka_or_local
-from pipeline.job import JobOptions, JobReport, ensure_topics, run_pipeline
-from pipeline.producer import KafkaSink, produce
-from pipeline.report import sink_report
-from pipeline.report_html import write_html_report
-from pipeline.settings import Settings, kafka_client_options
-from pipeline.simulator import Mess, simulate
-from pipeline.sinks import RESULT_SCHEMA, read_dataset
+from pipeline.kafka.clients import kafka_client_options
+from pipeline.kafka.embedded import kafka_or_local
+from pipeline.settings import Settings, run_scoped_settings
+from pipeline.sim.producer import KafkaSink, produce
+from pipeline.sim.simulator import Mess, simulate
+from pipeline.sinks.files import read_dataset
+from pipeline.sinks.report import sink_report
+from pipeline.sinks.report_html import write_html_report
+from pipeline.sinks.schemas import RESULT_SCHEMA
+from pipeline.stream.job import JobOptions, JobReport, ensure_topics, run_pipeline
 
 DEMO_MESS = Mess(late=0.01, reordered=0.05, duplicate=0.01, malformed=0.01)
 
@@ -43,30 +43,6 @@ class DemoPlan:
     devices: int = 8
     accounts: int = 16
     seed: int = 0
-
-
-def demo_settings(settings: Settings, run_id: str) -> Settings:
-    """Fresh topics, group and output directory for this run; the shipped bundle unless the
-    configured registry holds one."""
-    topics = settings.kafka.topics.model_copy(
-        update={
-            name: f"demo-{run_id}.{getattr(settings.kafka.topics, name)}"
-            for name in ("iot", "transactions", "dlq", "late")
-        }
-    )
-    kafka = settings.kafka.model_copy(
-        update={"topics": topics, "group_id": f"calm-stream-demo-{run_id}"}
-    )
-    sinks = settings.sinks.model_copy(
-        update={
-            "root": str(Path(settings.sinks.root) / f"demo-{run_id}"),
-            "rotate_seconds": min(settings.sinks.rotate_seconds, 2.0),
-        }
-    )
-    model = settings.model
-    if not (Path(model.registry) / LATEST).is_file():
-        model = model.model_copy(update={"registry": str(SHIPPED_REGISTRY)})
-    return settings.model_copy(update={"kafka": kafka, "sinks": sinks, "model": model})
 
 
 def send_simulated(settings: Settings, plan: DemoPlan) -> dict[str, Counter]:
@@ -92,7 +68,7 @@ def run_demo(
     console = console or Console()
     run_id = time.strftime("%Y%m%d-%H%M%S")
     with kafka_or_local(settings) as embedded:
-        settings = demo_settings(embedded, run_id)
+        settings = run_scoped_settings(embedded, run_id)
         console.print(
             f"kafka {', '.join(settings.kafka.bootstrap_servers)}; bundle registry "
             f"{settings.model.registry}; sending simulated events ...",

@@ -462,48 +462,25 @@ def masked(settings: Settings) -> dict[str, Any]:
     return settings.model_dump(mode="json")  # SecretStr dumps as '**********' in json mode
 
 
-def kafka_consumer_options(kafka: KafkaSettings) -> dict[str, Any]:
-    """`kafka_client_options` plus what only a consumer takes."""
-    return kafka_client_options(kafka) | {"fetch_max_wait_ms": kafka.fetch_max_wait_ms}
-
-
-def kafka_producer_options(kafka: KafkaSettings) -> dict[str, Any]:
-    """`kafka_client_options` for a producer inside a run: a send may wait for a broker that went
-    away (and a record may stay undelivered) as long as the run waits for it."""
-    patience_ms = round((kafka.reconnect_timeout_seconds + kafka.connect_timeout_seconds) * 1000)
-    return kafka_client_options(kafka) | {
-        "max_block_ms": patience_ms,
-        # kafka-python wants at least its request timeout (30 s) plus the linger time
-        "delivery_timeout_ms": patience_ms + 31_000,
-    }
-
-
-def kafka_client_options(kafka: KafkaSettings) -> dict[str, Any]:
-    """Keyword arguments for kafka-python clients (producer, consumer, admin) from the settings."""
-    if not kafka.bootstrap_servers:
-        raise SettingsError("kafka.bootstrap_servers is empty: set it or use `calm-stream demo`")
-    options: dict[str, Any] = {
-        "bootstrap_servers": list(kafka.bootstrap_servers),
-        "client_id": kafka.client_id,
-        "security_protocol": kafka.security_protocol,
-        "bootstrap_timeout_ms": round(kafka.connect_timeout_seconds * 1000),
-        # A broker that went away is looked for every second: kafka-python's default backs off to
-        # 30 s between tries, and left a broker that came back unused for that long.
-        "reconnect_backoff_max_ms": 1000,
-    }
-    if kafka.security_protocol.startswith("SASL_"):
-        options["sasl_mechanism"] = kafka.sasl_mechanism
-        options["sasl_plain_username"] = kafka.sasl_username
-        options["sasl_plain_password"] = kafka.sasl_password.get_secret_value()
-    if kafka.security_protocol in ("SSL", "SASL_SSL"):
-        options.update(
-            {
-                "ssl_cafile": str(kafka.ssl_cafile) if kafka.ssl_cafile else None,
-                "ssl_certfile": str(kafka.ssl_certfile) if kafka.ssl_certfile else None,
-                "ssl_keyfile": str(kafka.ssl_keyfile) if kafka.ssl_keyfile else None,
-                "ssl_password": kafka.ssl_password.get_secret_value()
-                if kafka.ssl_password
-                else None,
-            }
-        )
-    return options
+def run_scoped_settings(settings: Settings, run_id: str) -> Settings:
+    """Fresh topics, group and output directory for one self-contained run (`calm-stream demo`,
+    `calm-stream bench pipeline`); the shipped bundle unless the configured registry holds one."""
+    topics = settings.kafka.topics.model_copy(
+        update={
+            name: f"demo-{run_id}.{getattr(settings.kafka.topics, name)}"
+            for name in ("iot", "transactions", "dlq", "late")
+        }
+    )
+    kafka = settings.kafka.model_copy(
+        update={"topics": topics, "group_id": f"calm-stream-demo-{run_id}"}
+    )
+    sinks = settings.sinks.model_copy(
+        update={
+            "root": str(Path(settings.sinks.root) / f"demo-{run_id}"),
+            "rotate_seconds": min(settings.sinks.rotate_seconds, 2.0),
+        }
+    )
+    model = settings.model
+    if not (Path(model.registry) / LATEST).is_file():
+        model = model.model_copy(update={"registry": str(SHIPPED_REGISTRY)})
+    return settings.model_copy(update={"kafka": kafka, "sinks": sinks, "model": model})

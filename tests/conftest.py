@@ -14,8 +14,8 @@ import pytest
 from kafka.admin import KafkaAdminClient
 
 from deploy.local_kafka import LocalKafka, SaslUser
-from pipeline.ray_runtime import init_ray
 from pipeline.settings import RaySettings
+from pipeline.stream.runtime import init_ray
 
 # Ray waits 30 s for a new node's raylet by default: too short on a loaded 2-core CI box. The
 # pipeline processes that tests start inherit this too.

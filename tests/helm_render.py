@@ -380,7 +380,7 @@ def parse_command_line(argv: list[str]) -> Any:
     """Parse argv with the real `calm-stream` CLI down to the leaf command and return its context:
     options, arguments and their types are checked as at run time, but no command runs. (Typer may
     vendor its own click, so click's classes are reached through the command, not imported.)"""
-    from pipeline.cli import app
+    from pipeline.cli.app import app
 
     if not argv or argv[0] != "calm-stream":
         raise CommandLineError(f"not a calm-stream command line: {argv}")

@@ -21,12 +21,12 @@ from typing import TYPE_CHECKING, Any
 import pyarrow.dataset as ds
 
 from operators.windows import ClosedWindow, Windower, WindowSpec
-from pipeline.producer import KafkaSink, produce
 from pipeline.settings import Settings
-from pipeline.simulator import Mess, Message, simulate
+from pipeline.sim.producer import KafkaSink, produce
+from pipeline.sim.simulator import Mess, Message, simulate
 
 if TYPE_CHECKING:
-    from pipeline.job import JobOptions, JobReport
+    from pipeline.stream.job import JobOptions, JobReport
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -158,8 +158,8 @@ def send(
     partitions: int = 2,
 ) -> list[Message]:
     """Create the topic and send `count` simulated messages; returns them."""
-    from pipeline.job import ensure_topics
-    from pipeline.settings import kafka_client_options
+    from pipeline.kafka.clients import kafka_client_options
+    from pipeline.stream.job import ensure_topics
 
     topic = settings.kafka.topics.iot if kind == "iot" else settings.kafka.topics.transactions
     ensure_topics(settings, [topic], partitions)
@@ -206,8 +206,9 @@ def reference_windows(
     reasons. The records at `skip` (partition, offset) are left out: the test accounts for them."""
     from operators.decode import DecodeError, decode
     from operators.events import from_millis
-    from pipeline.job import window_spec
-    from pipeline.processing import expected_kind, row_key
+    from pipeline.kafka.positions import row_key
+    from pipeline.stream.flow import expected_kind
+    from pipeline.stream.job import window_spec
 
     windows, reasons = {}, Counter()
     windowers: dict[int, Windower] = {}
@@ -277,7 +278,7 @@ def run_scraped(
     """run_pipeline(settings, options) while its metrics endpoint (settings.metrics.port) is
     scraped until a scrape is `enough`, or to the run's end (then the last scrape): the endpoint
     lives only as long as the run's sink. The job's report and the scrape."""
-    from pipeline.job import run_pipeline
+    from pipeline.stream.job import run_pipeline
 
     url = f"http://127.0.0.1:{settings.metrics.port}/metrics"
     done, scraped = threading.Event(), [""]

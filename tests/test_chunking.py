@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from operators.chunking import accept_chunk, pad_prompts
+from model.chunking import accept_chunk, pad_prompts
 
 PAD, EOS = 0, 2
 prompts = st.lists(st.lists(st.integers(4, 99), min_size=1, max_size=13), min_size=1, max_size=6)

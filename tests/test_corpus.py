@@ -8,11 +8,11 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from operators.chunking import left_pad_to_multiple, num_left_pads, split_chunks
+from model.chunking import left_pad_to_multiple, num_left_pads, split_chunks
 from operators.corpus import SPLITS, assign_splits
 from operators.facts import score
-from pipeline.cli_domain import corpus_app, eval_app
-from pipeline.corpus_build import read_records
+from pipeline.cli.domain import corpus_app, eval_app
+from pipeline.sim.corpus import read_records
 
 app = typer.Typer()
 app.add_typer(corpus_app, name="corpus")

@@ -9,18 +9,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from model.ar import ARModel
 from model.calm import CALM
+from model.chunking import num_left_pads
 from model.config import AutoencoderConfig, BackboneConfig, CALMConfig
+from model.flops import ar_request_flops, baseline_of, calm_request_flops
 from model.generate import generate
 from model.tokenizer import BOS_ID
-from operators.chunking import num_left_pads
-from operators.cost import (
-    ar_request_flops,
-    baseline_of,
-    batch_cost,
-    calm_request_flops,
-    dollars,
-    per_1k,
-)
+from operators.cost import batch_cost, dollars, per_1k
 
 BACKBONE = BackboneConfig(
     vocab_size=512, d_model=64, n_layers=2, n_heads=4, d_ff=160, max_seq_len=128

@@ -20,8 +20,8 @@ from dashboard_queries import chart_dashboard, queries, series_of, unmet
 from pipeline_helpers import pipeline_settings, read_back, run_scraped, send, tiny_registry
 
 from deploy.local_kafka import _free_ports
-from pipeline.job import JobOptions
-from pipeline.simulator import Mess
+from pipeline.sim.simulator import Mess
+from pipeline.stream.job import JobOptions
 
 BROWSER = Path("/usr/bin/chromium")
 # Playwright's own flags plus these: nothing may reach out of a closed network or a CI box.

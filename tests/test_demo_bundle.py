@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from model.bench_generate import simulated_prompts
 from model.bundle import Registry
 from model.engine import Engine, Request, Sampling
 from operators.facts import score
+from pipeline.bench.generate import simulated_prompts
 from pipeline.settings import ModelSettings
 
 SHIPPED = Path(__file__).resolve().parents[1] / "deploy" / "registry"

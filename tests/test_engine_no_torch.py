@@ -56,7 +56,7 @@ def test_engine_generates_without_torch(registry):
         import json, sys
         from model.bundle import Registry
         from model.engine import Engine, Request, Sampling
-        import pipeline.cli_model, pipeline.inference, model.bench_generate
+        import pipeline.cli.model, pipeline.stream.inference, pipeline.bench.generate
         bundle = Registry({str(registry)!r}).open()
         engine = Engine(bundle, "calm")
         out = engine.generate([Request(engine.prompt_ids("sensor"), seed=3, max_new_tokens=9)],
@@ -75,7 +75,7 @@ def test_engine_generates_without_torch(registry):
 def test_generate_command_without_torch(registry):
     """`calm-stream generate` as a serving image without torch runs it (the real entry point)."""
     done = run_blocked(f"""
-        from pipeline.cli import app
+        from pipeline.cli.app import app
         app(["--set", "model.registry={registry}", "generate", "sensor dev", "--max-new-tokens",
              "8", "--seed", "5", "--json"])
     """)

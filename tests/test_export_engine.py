@@ -25,7 +25,7 @@ from model.export import export_bundle
 from model.generate import generate
 from model.tokenizer import BOS_ID, EOS_ID, Tokenizer
 from model.train_loops import fit
-from pipeline.cli_model import export_command
+from pipeline.cli.model import export_command
 
 pytestmark = pytest.mark.slow
 

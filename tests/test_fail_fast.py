@@ -293,7 +293,7 @@ def test_a_broker_away_is_waited_for_its_window_then_named_in_one_line() -> None
 
     from kafka.errors import KafkaConnectionError
 
-    from pipeline.kafka_check import BrokerWatch, KafkaUnavailable
+    from pipeline.kafka.check import BrokerWatch, KafkaUnavailable
     from pipeline.settings import KafkaSettings
 
     kafka = KafkaSettings(bootstrap_servers=["127.0.0.1:9"], reconnect_timeout_seconds=30)

@@ -25,9 +25,9 @@ from operators.facts import reference_facts, score
 from operators.prompts import render_prompt
 from operators.stats import txn_stats
 from operators.summaries import summarize
-from pipeline.job import JobOptions, run_pipeline
-from pipeline.settings import kafka_client_options
-from pipeline.simulator import simulate
+from pipeline.kafka.clients import kafka_client_options
+from pipeline.sim.simulator import simulate
+from pipeline.stream.job import JobOptions, run_pipeline
 
 NAMES = [
     "Café Zürich – Bäckerei",

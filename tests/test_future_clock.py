@@ -13,10 +13,10 @@ from pydantic import ValidationError
 
 from operators.events import from_millis
 from operators.windows import WindowSpec
-from pipeline.processing import FlowConfig, PartitionFlow
 from pipeline.settings import Settings
-from pipeline.simulator import simulate
-from pipeline.source import CREATE_TIME, LOG_APPEND_TIME, SourceRecord, source_record
+from pipeline.sim.simulator import simulate
+from pipeline.stream.flow import FlowConfig, PartitionFlow
+from pipeline.stream.source import CREATE_TIME, LOG_APPEND_TIME, SourceRecord, source_record
 
 HOUR_MS = 3_600_000
 FIVE_MINUTES = timedelta(minutes=5)

@@ -406,7 +406,7 @@ DASHBOARD_PANELS = {
 
 
 def test_grafana_dashboard_reads_the_pipelines_metrics() -> None:
-    from pipeline.metrics import PipelineMetrics
+    from pipeline.sinks.metrics import PipelineMetrics
 
     (board,) = [
         d for d in rendered(SASL_SSL) if d["metadata"]["labels"].get("grafana_dashboard") == "1"
@@ -1021,7 +1021,7 @@ def test_large_numbers_render_as_integers() -> None:
 
 DRIVER = """
 import sys
-from pipeline.cli import app
+from pipeline.cli.app import app
 try:
     app(prog_name="calm-stream")
 finally:
@@ -1041,8 +1041,8 @@ def test_rendered_pipeline_runs_against_the_test_broker(
     import ray
     from pipeline_helpers import build_registry
 
-    from pipeline.producer import KafkaSink, produce
-    from pipeline.simulator import simulate
+    from pipeline.sim.producer import KafkaSink, produce
+    from pipeline.sim.simulator import simulate
 
     iot, transactions = topic_factory(1), topic_factory(1)
     client = {"bootstrap_servers": kafka_broker.bootstrap_servers}

@@ -31,13 +31,15 @@ from test_sinks import Source
 from operators.decode import DecodeError, Reason, decode
 from operators.events import to_json_bytes
 from operators.windows import WindowSpec
-from pipeline.dlq import DeadLetterWriter, dead_letter_row, send_letter
-from pipeline.job import JobOptions, ensure_topics, run_pipeline
-from pipeline.processing import DeadLetter, FlowConfig, PartitionFlow
-from pipeline.settings import Settings, kafka_client_options
-from pipeline.simulator import simulate
-from pipeline.sinks import DEAD_LETTER_SCHEMA, ParquetDataset, SinkActor
-from pipeline.source import SourceRecord, source_record
+from pipeline.kafka.clients import kafka_client_options
+from pipeline.settings import Settings
+from pipeline.sim.simulator import simulate
+from pipeline.sinks.schemas import DEAD_LETTER_SCHEMA
+from pipeline.sinks.sink import ParquetDataset, SinkActor
+from pipeline.stream.dlq import DeadLetterWriter, dead_letter_row, send_letter
+from pipeline.stream.flow import DeadLetter, FlowConfig, PartitionFlow
+from pipeline.stream.job import JobOptions, ensure_topics, run_pipeline
+from pipeline.stream.source import SourceRecord, source_record
 
 INT64_MAX = 2**63 - 1
 # The broker refuses timestamps far from its clock unless the topic allows them.

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from deploy import local_kafka
 from deploy.local_kafka import KafkaBrokerError, LocalKafka, SaslUser
-from pipeline.cli_kafka import kafka_app
+from pipeline.cli.kafka import kafka_app
 
 MESSAGES = 10_000
 PARTITIONS = 3

@@ -14,10 +14,10 @@ from pipeline_helpers import committed_offsets, pipeline_settings, tiny_registry
 from prometheus_client.parser import text_string_to_metric_families
 
 from deploy.local_kafka import _free_ports
-from pipeline.job import JobOptions, ensure_topics, run_pipeline
-from pipeline.producer import KafkaSink, produce
-from pipeline.settings import kafka_client_options
-from pipeline.simulator import simulate
+from pipeline.kafka.clients import kafka_client_options
+from pipeline.sim.producer import KafkaSink, produce
+from pipeline.sim.simulator import simulate
+from pipeline.stream.job import JobOptions, ensure_topics, run_pipeline
 
 QUEUE_BOUND = 2
 RATE = 400  # events/s sent; the slowed model serves ~150 (one 30-event window per 0.2 s batch)

@@ -44,18 +44,13 @@ from operators.facts import reference_facts
 from operators.prompts import render_prompt
 from operators.stats import window_stats
 from operators.windows import WindowSpec
-from pipeline.inference import row_seed
-from pipeline.job import ensure_topics, replay_floor
-from pipeline.processing import (
-    FlowConfig,
-    PartitionFlow,
-    WindowRequest,
-    decode_watermark,
-    encode_watermark,
-)
-from pipeline.simulator import Mess, simulate
-from pipeline.sinks import DETERMINISTIC_RESULT_COLUMNS
-from pipeline.source import SourceRecord
+from pipeline.kafka.positions import decode_watermark, encode_watermark
+from pipeline.sim.simulator import Mess, simulate
+from pipeline.sinks.schemas import DETERMINISTIC_RESULT_COLUMNS
+from pipeline.stream.flow import FlowConfig, PartitionFlow, WindowRequest
+from pipeline.stream.inference import row_seed
+from pipeline.stream.job import ensure_topics, replay_floor
+from pipeline.stream.source import SourceRecord
 
 MESS = Mess(late=0.02, reordered=0.03, duplicate=0.02, malformed=0.02)
 TAG = "CALM_TEST_RUN_TAG"  # not CALM_STREAM_*: those must be settings

@@ -26,8 +26,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from deploy.local_kafka import _free_ports
 from operators.facts import reference_facts, score
 from operators.stats import window_stats
-from pipeline.job import JobOptions
-from pipeline.simulator import Mess
+from pipeline.sim.simulator import Mess
+from pipeline.stream.job import JobOptions
 
 MESS = Mess(late=0.02, reordered=0.03, duplicate=0.02, malformed=0.03)
 

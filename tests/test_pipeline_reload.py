@@ -13,11 +13,11 @@ import pyarrow.compute as pc
 from pipeline_helpers import committed_offsets, pipeline_settings, read_back, tiny_registry
 
 from model.bundle import Registry
-from pipeline.inference import row_seed
-from pipeline.job import JobOptions, ensure_topics, run_pipeline
-from pipeline.producer import KafkaSink, produce
-from pipeline.settings import kafka_client_options
-from pipeline.simulator import simulate
+from pipeline.kafka.clients import kafka_client_options
+from pipeline.sim.producer import KafkaSink, produce
+from pipeline.sim.simulator import simulate
+from pipeline.stream.inference import row_seed
+from pipeline.stream.job import JobOptions, ensure_topics, run_pipeline
 
 RELOAD_CHECK_S = 0.5
 

@@ -7,9 +7,10 @@ from collections import Counter, defaultdict
 from kafka import KafkaConsumer, TopicPartition
 
 from operators.decode import decode
-from pipeline.producer import KafkaSink, produce
-from pipeline.settings import KafkaSettings, kafka_client_options
-from pipeline.simulator import Mess, simulate
+from pipeline.kafka.clients import kafka_client_options
+from pipeline.settings import KafkaSettings
+from pipeline.sim.producer import KafkaSink, produce
+from pipeline.sim.simulator import Mess, simulate
 
 COUNT = 100_000
 PARTITIONS = 4

@@ -11,8 +11,8 @@ import ray
 from kafka import KafkaProducer
 from ray.util.queue import Empty, Queue
 
-from pipeline.ray_runtime import unpack
-from pipeline.source import Batch, KafkaSourceActor
+from pipeline.stream.runtime import unpack
+from pipeline.stream.source import Batch, KafkaSourceActor
 
 pytestmark = pytest.mark.integration
 # Ray workers cannot import test modules: ship this one's classes by value.

@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 from scipy.special import chdtrc  # chi-square survival function
 
-from model.bench_sampling import CategoricalChunks
 from model.sampling import (
     adaptive_temperature_sample,
     approximate_temperature_sample,
@@ -25,6 +24,7 @@ from model.sampling import (
     selection_probabilities,
     split_inverse_temperature,
 )
+from pipeline.bench.sampling import CategoricalChunks
 
 K = 4
 PROBS = np.array([0.30, 0.20, 0.15, 0.12, 0.10, 0.07, 0.04, 0.02])
@@ -275,7 +275,7 @@ def test_split_inverse_temperature():
 def test_sampling_and_brierlm_import_without_torch():
     """The onnxruntime engine reuses these modules: they must not pull torch in."""
     code = (
-        "import sys, model.sampling, model.brierlm, model.bench_sampling; "
+        "import sys, model.sampling, model.brierlm, pipeline.bench.sampling; "
         "assert 'torch' not in sys.modules, 'torch was imported'"
     )
     subprocess.run(

@@ -8,11 +8,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from pipeline.cli import app
+from pipeline.cli.app import app
+from pipeline.kafka.clients import kafka_client_options, kafka_consumer_options
 from pipeline.settings import (
     SettingsError,
-    kafka_client_options,
-    kafka_consumer_options,
     load_settings,
     parse_overrides,
     setting_paths,

@@ -14,10 +14,10 @@ from operators.decode import DecodeError
 from operators.events import event_id
 from operators.stats import window_stats
 from operators.windows import ClosedWindow, Rejected, Windower, WindowSpec
-from pipeline.cli_domain import produce_app
-from pipeline.corpus_build import window_stream
-from pipeline.producer import read_messages
-from pipeline.simulator import (
+from pipeline.cli.domain import produce_app
+from pipeline.sim.corpus import window_stream
+from pipeline.sim.producer import read_messages
+from pipeline.sim.simulator import (
     IOT_ANOMALIES,
     TXN_ANOMALIES,
     IotConfig,

@@ -18,19 +18,11 @@ import pytest
 import ray
 
 from operators.windows import WindowSpec
-from pipeline.processing import dead_letter_key, encode_watermark, row_key
-from pipeline.ray_runtime import pack
-from pipeline.sinks import (
-    DEAD_LETTER_SCHEMA,
-    RESULT_SCHEMA,
-    Datasets,
-    ParquetDataset,
-    RootLock,
-    Rows,
-    SinkActor,
-    SinkError,
-    local_root,
-)
+from pipeline.kafka.positions import dead_letter_key, encode_watermark, row_key
+from pipeline.sinks.files import RootLock, SinkError, local_root
+from pipeline.sinks.schemas import DEAD_LETTER_SCHEMA, RESULT_SCHEMA
+from pipeline.sinks.sink import Datasets, ParquetDataset, Rows, SinkActor
+from pipeline.stream.runtime import pack
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = pa.schema(
@@ -156,7 +148,7 @@ WRITER = """
 import sys
 from pathlib import Path
 import pyarrow as pa
-from pipeline.sinks import commit_table
+from pipeline.sinks.files import commit_table
 commit_table(pa.table({"key": ["a", "b"]}), Path(sys.argv[1]))
 table = pa.table({"key": [str(i) for i in range(2_000_000)]})
 while True:

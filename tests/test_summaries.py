@@ -14,8 +14,8 @@ from operators.prompts import PROMPT_END, render_prompt
 from operators.stats import Quantity, iot_stats, median, theil_sen, txn_stats, window_stats
 from operators.summaries import summarize
 from operators.windows import ClosedWindow, Windower, WindowSpec
-from pipeline.corpus_build import window_stream
-from pipeline.simulator import IOT_ANOMALIES, TXN_ANOMALIES, Mess, simulate
+from pipeline.sim.corpus import window_stream
+from pipeline.sim.simulator import IOT_ANOMALIES, TXN_ANOMALIES, Mess, simulate
 
 
 @pytest.fixture(scope="module")

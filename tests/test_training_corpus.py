@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from model.tokenizer import BOS_ID, EOS_ID, PAD_ID
-from pipeline.corpus_build import write_corpus
+from pipeline.sim.corpus import write_corpus
 from pipeline.training.corpus import (
     ChunkSamples,
     CorpusError,

@@ -22,11 +22,11 @@ from typer.testing import CliRunner
 from model.checkpoint import load_checkpoint
 from model.config import config_from_dict
 from model.train_loops import lr_factor
-from pipeline.cli_train import train
-from pipeline.corpus_build import write_corpus
+from pipeline.bench.recipe import load_assets, run_study
+from pipeline.cli.train import train
+from pipeline.sim.corpus import write_corpus
 from pipeline.training.evaluation import brier_context
 from pipeline.training.job import TrainJobError, TrainRequest, run_training
-from pipeline.training.recipe_study import load_assets, run_study
 from pipeline.training.stages import CONFIG_DIR, TrainConfigError, load_train_config, plan_stages
 from pipeline.training.worker import weights_digest
 
@@ -206,7 +206,7 @@ class Blocked(importlib.abc.MetaPathFinder):
 
 sys.meta_path.insert(0, Blocked())
 from typer.testing import CliRunner
-from pipeline.cli import app
+from pipeline.cli.app import app
 
 for args in (["--help"], ["train", "--help"], ["bench", "reproduce", "--help"],
              ["bench", "recipe", "--help"]):

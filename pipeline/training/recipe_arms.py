@@ -1,4 +1,4 @@
-"""The recipe study's arms (pipeline.training.recipe_study): torch-free, so that `--help` can
+"""The recipe study's arms (pipeline.bench.recipe): torch-free, so that `--help` can
 list them. Each arm names the training settings it changes and where its idea comes from."""
 
 from __future__ import annotations

@@ -122,3 +122,48 @@ class RunLayout:
 
 def checkpoint_dir_name(step: int) -> str:
     return f"step_{step:07d}"
+
+
+@dataclass(frozen=True)
+class FinishedRun:
+    """What a finished run hands on (to `calm-stream export`, to `bench generate`): the final
+    checkpoints of its model stages, its tokenizer, the stages' final metrics and the recipe.
+    Plain paths, so that a reader needs neither torch nor this layout."""
+
+    calm_checkpoint: Path
+    ar_checkpoint: Path | None
+    tokenizer_path: Path
+    metrics: dict[str, Any]
+    recipe: dict[str, Any]
+
+
+def read_finished_run(run_dir: str | Path) -> FinishedRun:
+    """The final CALM (and AR baseline, if trained) checkpoints of a local run directory, with
+    the metrics and recipe; FileNotFoundError when it is no run or its calm stage is not done."""
+    run_dir = Path(run_dir)
+    layout = RunLayout(Storage.parse(run_dir.parent), run_dir.name)
+    if not layout.storage.exists(layout.run_json):
+        raise FileNotFoundError(f"{run_dir} is not a training run directory (no run.json)")
+    markers = {
+        stage: marker
+        for stage in ("tokenizer", "autoencoder", "calm", "ar")
+        if (marker := layout.complete_marker(stage)) is not None
+    }
+    if "calm" not in markers:
+        raise FileNotFoundError(
+            f"{run_dir}: the calm stage is not complete (no calm/{COMPLETE})"
+        )
+    recipe = {
+        "run": layout.storage.read_json(layout.run_json),
+        "stages": {
+            stage: {k: marker[k] for k in ("steps", "workers", "wall_s", "cost") if k in marker}
+            for stage, marker in markers.items()
+        },
+    }
+    return FinishedRun(
+        calm_checkpoint=run_dir / markers["calm"]["final_checkpoint"],
+        ar_checkpoint=run_dir / markers["ar"]["final_checkpoint"] if "ar" in markers else None,
+        tokenizer_path=Path(layout.stage_file("tokenizer", "tokenizer.json")),
+        metrics={stage: marker.get("metrics", {}) for stage, marker in markers.items()},
+        recipe=recipe,
+    )
