@@ -1,4 +1,4 @@
-"""The CALM autoencoder: K tokens <-> one Gaussian latent vector (PAPER.md, "Autoencoder").
+"""The CALM autoencoder: K tokens <-> one Gaussian latent vector (docs/model.md, "The autoencoder").
 
 No attention. Encoder: embed K tokens -> per-position residual SwiGLU layers -> flatten and
 squeeze (K*d -> d) -> chunk-level layers -> RMSNorm -> (mean, log-std). The decoder mirrors it

@@ -3,7 +3,7 @@
 The Brier score of a predictive distribution P for the outcome y is 2 P(y) - sum_x P(x)^2
 (1 minus the squared error; 1 for a certain correct prediction, about 0 for a uniform guess over
 many outcomes, -1 for a certain wrong one). Brier-n takes the next n tokens as one outcome.
-Three unbiased estimators (PAPER.md, "BrierLM"):
+Three unbiased estimators (docs/model.md, "BrierLM"):
 
 - two_sample:    1{x1 = y} + 1{x2 = y} - 1{x1 = x2}, from two independent samples x1, x2. Needs
                  only a sampler, so it serves CALM and a discrete model alike.

@@ -1,4 +1,4 @@
-"""CALM: a Transformer that predicts one continuous vector per chunk of K tokens (PAPER.md).
+"""CALM: a Transformer that predicts one continuous vector per chunk of K tokens (docs/model.md).
 
 Step i of the backbone reads the previous chunk's K discrete tokens (embedded with the backbone's
 table, concatenated, compressed by an MLP) and its hidden state conditions the energy head, which

@@ -1,6 +1,6 @@
 """Model configurations: one dataclass per model, saved as JSON beside the weights.
 
-Defaults are scaled down from the paper (PAPER.md) so that every model trains on a laptop CPU;
+Defaults are scaled down from the paper (docs/model.md) so that every model trains on a laptop CPU;
 the paper's values are noted per field.
 """
 

@@ -14,7 +14,7 @@ produce the same tokens:
   hidden states by ~1e-6 (onnxruntime's vectorised reductions over the key axis add the same
   terms in another order when the real keys sit at another offset); measured in onnxruntime
   1.32 on AVX2, rows of identical layout give bit-identical outputs at any batch size (the
-  per-row GEMM reductions do not depend on M), which tests/test_batch_invariance.py checks.
+  per-row GEMM reductions do not depend on M), which tests/model/test_batch_invariance.py checks.
 - Prefill runs the backbone graph over every prompt chunk at once; each decode step feeds the
   chunk just produced (K tokens; one for AR) with the KV cache. Rows that finish leave the batch.
 - Stopping: a row ends at its first <eos> (not emitted) or at its token limit; the last chunk is

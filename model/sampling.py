@@ -1,8 +1,8 @@
 """Likelihood-free temperature sampling over chunks (numpy only: the onnxruntime engine reuses it).
 
 CALM has no likelihood, only a sampler of K-token chunks. Sampling at temperature T means drawing a
-chunk x with probability P(x)^(1/T) / Z using nothing but draws from P (PAPER.md, "Likelihood-free
-temperature sampling"). Write 1/T = n + a with n an integer and 0 <= a < 1.
+chunk x with probability P(x)^(1/T) / Z using nothing but draws from P (docs/model.md, "Temperature
+without a likelihood"). Write 1/T = n + a with n an integer and 0 <= a < 1.
 
 Three samplers, all vectorised over the batch (loops run over draws or rounds, never over rows):
 

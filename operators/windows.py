@@ -13,18 +13,16 @@ Semantics, in the order an arriving event is handled:
 4. The watermark is updated with the event's time only after it was placed, then every window
    whose close time the watermark has reached is emitted as a `ClosedWindow`.
 
-The state is plain data (`snapshot()` / `Windower.restore()`), and `min_open_offsets()` tells the
-pipeline, per source partition, the first offset an open window still needs: committing past it
+The state lives only in memory: after a crash the pipeline replays from the committed offsets,
+which open windows hold back, and rebuilds it. `min_open_offsets()` tells the pipeline, per source partition, the first offset an open window still needs: committing past it
 would lose those events on a crash.
 """
 
 import heapq
-from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Literal, NamedTuple
+from typing import Literal, NamedTuple
 
 from operators.events import (
-    EVENT_ADAPTER,
     IotReading,
     Transaction,
     entity_id,
@@ -211,43 +209,3 @@ class Windower:
                 first, last = offsets.get(r.partition, (r.offset, r.offset))
                 offsets[r.partition] = (min(first, r.offset), max(last, r.offset))
         return ClosedWindow(key, start_ms, start_ms + self.spec.size_ms, records, offsets)
-
-    def snapshot(self) -> dict[str, Any]:
-        """The whole state as JSON-ready data (events in their wire form)."""
-        return {
-            "spec": vars(self.spec),
-            "watermark_ms": self.watermark_ms,
-            "windows": [
-                {
-                    "key": key,
-                    "start_ms": start,
-                    "records": [_record_state(r) for r in window.records],
-                }
-                for (key, start), window in self._open.items()
-            ],
-        }
-
-    @classmethod
-    def restore(cls, state: dict[str, Any]) -> "Windower":
-        windower = cls(WindowSpec(**state["spec"]))
-        windower.watermark_ms = state["watermark_ms"]
-        for item in state["windows"]:
-            window = windower._open[item["key"], item["start_ms"]] = _OpenWindow()
-            for r in _records_from_state(item["records"]):
-                window.add(r)
-            heapq.heappush(
-                windower._closing,
-                (windower.spec.close_ms(item["start_ms"]), item["key"], item["start_ms"]),
-            )
-        return windower
-
-
-def _record_state(r: Record) -> dict[str, Any]:
-    return {"event": r.event.model_dump_json(), "partition": list(r.partition), "offset": r.offset}
-
-
-def _records_from_state(items: Iterable[dict[str, Any]]) -> Iterable[Record]:
-    for item in items:
-        event = EVENT_ADAPTER.validate_json(item["event"])
-        partition = (item["partition"][0], item["partition"][1])
-        yield Record(event, partition, item["offset"], event_time_ms(event), event_id(event))

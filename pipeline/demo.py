@@ -23,7 +23,7 @@ from rich.table import Table
 from pipeline.kafka.clients import kafka_client_options
 from pipeline.kafka.embedded import kafka_or_local
 from pipeline.settings import Settings, run_scoped_settings
-from pipeline.sim.producer import KafkaSink, produce
+from pipeline.sim.producer import TopicWriter, produce
 from pipeline.sim.simulator import Mess, simulate
 from pipeline.sinks.files import read_dataset
 from pipeline.sinks.report import sink_report
@@ -57,7 +57,7 @@ def send_simulated(settings: Settings, plan: DemoPlan) -> dict[str, Counter]:
     ):
         stream = simulate(kind, seed=plan.seed, entities=entities, mess=DEMO_MESS)
         sent[kind] = produce(
-            itertools.islice(stream.messages(), count), KafkaSink(topic, client)
+            itertools.islice(stream.messages(), count), TopicWriter(topic, client)
         ).tags
     return sent
 

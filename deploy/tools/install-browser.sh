@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install the browser the report-page tests drive (tests/test_dashboards.py): Debian's chromium,
+# Install the browser the report-page tests drive (tests/helm/test_dashboards.py): Debian's chromium,
 # which Playwright (a dev dependency) launches as /usr/bin/chromium, and a font for the screenshot.
 # Playwright's own browser downloads are never used. Idempotent: where the browser is, it returns.
 set -euo pipefail

@@ -5,7 +5,7 @@
 #   <cache>/crds/...             the Prometheus Operator's ServiceMonitor CRD, from its Go module,
 #                                so that rendered ServiceMonitors are validated too
 # where <cache> is ${XDG_CACHE_HOME:-$HOME/.cache}/calm-stream. Idempotent: what is already there at
-# the pinned version is skipped, so a second run takes a second. tests/helm_render.py looks there.
+# the pinned version is skipped, so a second run takes a second. tests/helm/helm_render.py looks there.
 #
 # (No CALM_STREAM_* variable here: the program refuses unknown variables with that prefix.)
 set -euo pipefail

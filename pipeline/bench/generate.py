@@ -21,7 +21,8 @@ Settings, on the same simulated event-window prompts (pipeline/sim/corpus.py):
 Per case: tokens/s, time per output token (seconds per generated token of one row), generative
 steps per token, head samples per step, analytic FLOPs per token (model/flops.py at the mean
 context of the run and the measured head samples), achieved FLOP/s and its share of the peak.
-The `floors` section checks the issue's targets and says which are missed.
+The `floors` section checks the speed targets the README's "Measured" table reports and says
+which are missed.
 """
 
 import argparse

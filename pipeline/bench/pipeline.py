@@ -39,7 +39,7 @@ from model.engine import Engine, Request, Sampling
 from pipeline.kafka import clients
 from pipeline.kafka.clients import kafka_client_options, kafka_consumer_options
 from pipeline.settings import Settings, run_scoped_settings
-from pipeline.sim.producer import KafkaSink, produce
+from pipeline.sim.producer import TopicWriter, produce
 from pipeline.sim.simulator import simulate
 from pipeline.sinks.files import read_dataset
 from pipeline.stream.inference import Batcher, row_seed
@@ -60,7 +60,7 @@ def send_backlog(settings: Settings, events: int, seed: int) -> None:
         ("transactions", topics.transactions, events - iot),
     ):
         stream = simulate(kind, seed=seed, entities=16 if kind == "iot" else 200)
-        produce(itertools.islice(stream.messages(), count), KafkaSink(topic, client))
+        produce(itertools.islice(stream.messages(), count), TopicWriter(topic, client))
 
 
 def raw_consume_rate(settings: Settings, total: int) -> dict[str, float]:
@@ -187,7 +187,7 @@ def live_latency(
     client = kafka_client_options(settings.kafka)
     produce(
         itertools.islice(readings, round(rate * seconds)),
-        KafkaSink(settings.kafka.topics.iot, client),
+        TopicWriter(settings.kafka.topics.iot, client),
         rate,
     )
     stop.set()  # the drain commits every window that closed

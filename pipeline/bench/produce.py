@@ -15,18 +15,18 @@ from typing import Any, Literal
 from kafka.admin import NewTopic
 
 from pipeline.kafka.clients import admin_client
-from pipeline.sim.producer import KafkaSink, produce
+from pipeline.sim.producer import TopicWriter, produce
 from pipeline.sim.simulator import Message, simulate
 
 
 def _raw_rate(
     payloads: list[tuple[bytes, bytes]], topic: str, client_options: dict[str, Any]
 ) -> float:
-    sink = KafkaSink(topic, client_options)
+    writer = TopicWriter(topic, client_options)
     start = time.perf_counter()
     for key, value in payloads:
-        sink.send(key, value)
-    sink.close()
+        writer.send(key, value)
+    writer.close()
     return len(payloads) / (time.perf_counter() - start)
 
 
@@ -50,7 +50,7 @@ def bench_produce(
         raw = _raw_rate(payloads, topics[0], client_options)
         report = produce(
             itertools.islice(simulate(kind, seed).messages(), count),
-            KafkaSink(topics[1], client_options),
+            TopicWriter(topics[1], client_options),
         )
     finally:
         admin.delete_topics(topics)

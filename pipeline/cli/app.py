@@ -114,4 +114,3 @@ def show_settings(
     for name, value, source in rows:
         table.add_row(name, json.dumps(value), source)
     console.print(table)
-

@@ -19,7 +19,7 @@ from pipeline.kafka.check import check_kafka
 from pipeline.kafka.clients import kafka_client_options
 from pipeline.settings import SettingsError
 from pipeline.sim.corpus import read_records, token_stats, write_corpus
-from pipeline.sim.producer import FileSink, KafkaSink, Sink, produce
+from pipeline.sim.producer import FileWriter, TopicWriter, Writer, produce
 from pipeline.sim.simulator import IOT_ANOMALIES, TXN_ANOMALIES, Mess, simulate
 
 console = Console(stderr=True)
@@ -69,15 +69,15 @@ def _send(
 ) -> None:
     types = IOT_ANOMALIES if kind == "iot" else TXN_ANOMALIES
     sim = simulate(kind, seed, entities, {t: anomaly_rate for t in types}, mess)
-    sink: Sink
+    writer: Writer
     if out is not None:
-        sink, target = FileSink(out), str(out)
+        writer, target = FileWriter(out), str(out)
     else:
         kafka = ctx.find_root().obj.settings().kafka
         topic = topic or (kafka.topics.iot if kind == "iot" else kafka.topics.transactions)
         try:
             check_kafka(kafka)
-            sink, target = KafkaSink(topic, kafka_client_options(kafka)), f"topic {topic}"
+            writer, target = TopicWriter(topic, kafka_client_options(kafka)), f"topic {topic}"
         except SettingsError as error:
             raise fail(error) from None
     columns = (
@@ -90,7 +90,7 @@ def _send(
         task = progress.add_task(f"{kind} -> {target}", total=count)
         report = produce(
             itertools.islice(sim.messages(), count),
-            sink,
+            writer,
             rate or None,
             lambda n: progress.advance(task, n),
         )

@@ -23,13 +23,15 @@ from pipeline.sim.simulator import Message
 PRODUCER_TUNING: dict[str, Any] = {"linger_ms": 10, "batch_size": 256 * 1024}
 
 
-class Sink(Protocol):
+class Writer(Protocol):
+    """Where simulated messages go: a topic (`TopicWriter`) or a file (`FileWriter`)."""
+
     def send(self, key: bytes, value: bytes) -> None: ...
 
     def close(self) -> None: ...
 
 
-class KafkaSink:
+class TopicWriter:
     """A topic on a broker; send errors are counted and raised at close, never dropped silently."""
 
     def __init__(self, topic: str, client_options: dict[str, Any], **producer_options: Any):
@@ -49,7 +51,7 @@ class KafkaSink:
             )
 
 
-class FileSink:
+class FileWriter:
     """JSON Lines on disk, for runs without a broker and for replaying into one later."""
 
     def __init__(self, path: Path):
@@ -69,7 +71,7 @@ class FileSink:
 
 
 def read_messages(path: Path) -> Iterator[tuple[bytes, bytes]]:
-    """(key, value) pairs of a file written by `FileSink`."""
+    """(key, value) pairs of a file written by `FileWriter`."""
     with path.open(encoding="utf-8") as file:
         for line in file:
             item = json.loads(line)
@@ -100,11 +102,11 @@ class ProduceReport:
 
 def produce(
     messages: Iterable[Message],
-    sink: Sink,
+    writer: Writer,
     rate: float | None = None,
     on_progress: Callable[[int], None] = lambda n: None,
 ) -> ProduceReport:
-    """Send every message; with `rate`, pace to that many messages per second. Closes the sink."""
+    """Send every message; with `rate`, pace to that many messages per second. Closes the writer."""
     report = ProduceReport()
     start = time.perf_counter()
     try:
@@ -115,13 +117,13 @@ def produce(
                 ahead = start + report.count / rate - time.perf_counter()
                 if ahead > 0:
                     time.sleep(ahead)
-            sink.send(message.key.encode(), message.value)
+            writer.send(message.key.encode(), message.value)
             report.count += 1
             report.tags[message.tag] += 1
             if report.count % 1000 == 0:
                 on_progress(1000)
     finally:
-        sink.close()  # flush: the rate counts delivered messages, not buffered ones
+        writer.close()  # flush: the rate counts delivered messages, not buffered ones
     report.seconds = time.perf_counter() - start
     on_progress(report.count % 1000)
     return report

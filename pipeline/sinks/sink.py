@@ -15,6 +15,7 @@ forgets the keys that the sources' commits put out of any replay's reach
 One process writes a sink root at a time (files.RootLock): the sink of a killed run may still be
 flushing while its successor starts.
 """
+
 from __future__ import annotations
 
 import heapq
@@ -50,7 +51,7 @@ from pipeline.sinks.files import (
 )
 from pipeline.sinks.metrics import PipelineMetrics
 from pipeline.sinks.schemas import DEAD_LETTER_SCHEMA, RESULT_SCHEMA, TELEMETRY_SCHEMA, TIMESTAMP
-from pipeline.stream.runtime import unpack
+from pipeline.wire import unpack
 
 log = logging.getLogger(__name__)
 
@@ -277,12 +278,18 @@ class SinkActor:
         self._cpu_from = time.process_time()  # `close` reports the CPU time since (or `connect`)
 
     def connect(self, sources: list[Any]) -> None:
-        """The actors (or anything with `acknowledge`) waiting for keys, indexed by origin."""
+        """The actors (or anything with `acknowledge`) waiting for keys, indexed by origin.
+        Called once, before any source runs, so that no ack finds no one to go to."""
         self._sources = list(sources)
         self._cpu_from = time.process_time()  # the handles imported their module: start-up
 
     def write(self, packed: bytes) -> None:
-        """Buffer `pack(Rows(...))`, acknowledge what is already durable, commit what is due."""
+        """Buffer `pack(Rows(...))`, acknowledge what is already durable, commit what is due.
+
+        Contract: a key is acknowledged to its source only once its row is in a renamed,
+        fsynced file (commit step 1 of pipeline/stream/source.py); a key already written is never
+        written again (a replay's copy is dropped and acknowledged at once). Never raises for a
+        row: a failed file write keeps the rows buffered for the next attempt."""
         rows: Rows = unpack(packed)
         with self._mutex:
             acks: dict[int, list[str]] = defaultdict(list)
@@ -303,6 +310,9 @@ class SinkActor:
     def observe_source(
         self, source: str, stats: dict[str, Any], queue_depth: int | None = None
     ) -> None:
+        """A source's report: its metrics, and the offsets it committed (commit step 5), below
+        which the keys no replay can write are forgotten. Must never forget a key a replay from
+        the committed offsets could still write."""
         self.metrics.observe_source(source, stats)
         if queue_depth is not None:
             self.metrics.queue_depth.set(queue_depth)

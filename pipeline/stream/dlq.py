@@ -20,8 +20,9 @@ from operators.events import from_millis
 from pipeline.kafka import clients
 from pipeline.sinks.sink import Rows
 from pipeline.stream.flow import DeadLetter
-from pipeline.stream.runtime import cap_in_flight, pack
+from pipeline.stream.runtime import cap_in_flight
 from pipeline.stream.source import SourceRecord
+from pipeline.wire import pack
 
 MAX_WRITES_IN_FLIGHT = 4
 # A producer may set any int64 as a record's timestamp; the dataset's time column (and its hour

@@ -39,8 +39,9 @@ from pipeline.settings import ModelSettings, PricingSettings
 from pipeline.sinks.sink import Rows
 from pipeline.stream.flow import WindowRequest
 from pipeline.stream.rows import Generated, Model, result_row
-from pipeline.stream.runtime import cap_in_flight, pack, unpack
+from pipeline.stream.runtime import cap_in_flight
 from pipeline.stream.telemetry import BatchTiming, batch_telemetry
+from pipeline.wire import pack, unpack
 
 log = logging.getLogger(__name__)
 MAX_WRITES_IN_FLIGHT = 2

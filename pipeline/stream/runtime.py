@@ -1,11 +1,10 @@
-"""Start or join Ray with the resources the settings give, and nothing more; and the helpers
-actors use to hand each other work."""
+"""Start or join Ray with the resources the settings give, and nothing more; check that the
+job's actors fit the cluster; and bound the calls an actor has in flight."""
 
 from __future__ import annotations
 
 import logging
 import os
-import pickle
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -134,17 +133,3 @@ def cap_in_flight(refs: list[ray.ObjectRef], limit: int) -> list[ray.ObjectRef]:
     done, pending = ray.wait(refs, num_returns=len(refs) - limit)
     ray.get(done)
     return pending
-
-
-def pack(value: Any) -> bytes:
-    """`value` as one blob for a trip through Ray. Ray's serializer runs cloudpickle's Python
-    hook for every object inside (every window of a poll, every timestamp of a row), the C
-    pickler does not, and the request queue's actor, which only holds a blob, need not unpickle
-    it: measured, the queue's actor spends a third less CPU time per event, the inference actor
-    and the sink a tenth less."""
-    return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
-
-
-def unpack(blob: bytes) -> Any:
-    """What `pack` packed (blobs only ever come from this pipeline's own actors)."""
-    return pickle.loads(blob)

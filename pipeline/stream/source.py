@@ -17,19 +17,34 @@ Rebalances: a revoked partition's safe offset is committed before it is given up
 runs on kafka-python's IO thread and awaits the commit); a newly assigned partition is handed to
 the stage, with its committed offset and metadata, before its first records are processed.
 
-Two stages exist: `BatchStage` here (each poll becomes one `Batch`, committed once acknowledged)
-and `pipeline.stream.flow.WindowStage` (the streaming pipeline's decode/window/render).
+The stage is `pipeline.stream.flow.WindowStage` (decode, validate, window, render) in the
+streaming job; `Stage` below is its contract.
+
+The commit protocol (`_commit`, every `commit_interval_s`, and once more when draining). Each step
+is marked "commit step N" on the lines that do it:
+
+1. Read the sink's acks: the keys whose rows (or dead letters) are durable in the sink, fsynced
+   and renamed, reach the stage (`Stage.acknowledge`) and stop holding their offsets.
+2. Ask the stage for its commit points: per partition, the first offset an open window or an
+   unacknowledged key still needs, with the watermark to resume from as metadata
+   (`pipeline.kafka.positions.encode_watermark`). Only points past the last commit go on.
+3. Flush the dead-letter producer: the dead letters below those offsets must be in their topic.
+   If no broker answers, nothing is committed this time.
+4. Commit the offsets with their metadata to the group coordinator, and remember them.
+5. Report them to the sink (`report` -> `SinkActor.observe_source`), which forgets the keys no
+   replay from those offsets can write again (`Datasets.forget_committed`).
+
+A crash between any two steps loses nothing: the group replays from the last commit, the sink
+drops the keys it already holds, and a replayed window gives the byte-identical row.
 """
 
 from __future__ import annotations
 
 import gc
-import itertools
 import logging
 import resource
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from queue import SimpleQueue
@@ -45,7 +60,7 @@ from ray.util.queue import Empty, Full, Queue
 from pipeline.kafka import clients
 from pipeline.kafka.check import BrokerWatch
 from pipeline.kafka.positions import partition_name
-from pipeline.stream.runtime import pack
+from pipeline.wire import pack
 
 log = logging.getLogger(__name__)
 
@@ -94,90 +109,46 @@ class Work:
 
 
 class Stage(Protocol):
-    """The per-source processing between the consumer and the queue."""
-
-    def assign(self, tp: TopicPartition, committed: OffsetAndMetadata | None) -> None: ...
-
-    def revoke(self, tp: TopicPartition) -> None: ...
-
-    def process(self, records: list[SourceRecord]) -> Work: ...
-
-    def end_of_input(self) -> Work: ...
-
-    def acknowledge(self, ack: Any) -> None: ...
-
-    def commit_points(self) -> dict[TopicPartition, OffsetAndMetadata]: ...
-
-    def pending(self) -> int: ...
-
-    def stats(self) -> dict[str, Any]: ...
-
-
-class DeadLetterSink(Protocol):
-    def send(self, letters: list[Any]) -> None: ...
-
-    def flush(self, timeout_ms: int | None = None) -> None: ...
-
-
-@dataclass(frozen=True)
-class Batch:
-    """Records polled together, decoded; acknowledged by `batch_id` (see `BatchStage`)."""
-
-    batch_id: int
-    records: list[SourceRecord]
-    decoded: list[Any]
-
-
-def _identity(value: bytes) -> Any:
-    return value
-
-
-class BatchStage:
-    """Each poll becomes one `Batch`, acknowledged by its id; a partition's safe offset is the
-    first offset of its oldest unacknowledged batch, or the next offset to read."""
-
-    def __init__(self, decode: Callable[[bytes], Any] = _identity) -> None:
-        self._decode = decode
-        self._ids = itertools.count()
-        # batch id -> first offset per partition, oldest batch first
-        self._in_flight: OrderedDict[int, dict[TopicPartition, int]] = OrderedDict()
-        self._next: dict[TopicPartition, int] = {}
+    """The per-source processing between the consumer and the queue. Every method is called from
+    the source's one polling thread, never concurrently; none may block on the network."""
 
     def assign(self, tp: TopicPartition, committed: OffsetAndMetadata | None) -> None:
-        self._next.pop(tp, None)
+        """A partition was assigned, before any of its records: resume from `committed` (its
+        offset and metadata; None when the group never committed it)."""
 
     def revoke(self, tp: TopicPartition) -> None:
-        self._next.pop(tp, None)
-        for firsts in self._in_flight.values():
-            firsts.pop(tp, None)
+        """A partition was taken away: drop its state. Its records may come again from the last
+        commit to another source, so nothing of it may be emitted after this."""
 
     def process(self, records: list[SourceRecord]) -> Work:
-        batch = Batch(next(self._ids), records, [self._decode(r.value) for r in records])
-        firsts: dict[TopicPartition, int] = {}
-        for r in records:
-            tp = TopicPartition(r.topic, r.partition)
-            firsts.setdefault(tp, r.offset)
-            self._next[tp] = r.offset + 1
-        self._in_flight[batch.batch_id] = firsts
-        return Work(items=[batch])
+        """Records of one poll, in offset order per partition: what to queue and what to
+        dead-letter. Must never raise for a bad record (a dead letter says why)."""
 
     def end_of_input(self) -> Work:
-        return Work()
+        """The input is over (a bounded run): emit what is still held, e.g. open windows."""
 
-    def acknowledge(self, batch_id: int) -> None:
-        self._in_flight.pop(batch_id, None)
+    def acknowledge(self, ack: Any) -> None:
+        """Downstream made the work `ack` names durable (commit step 1)."""
 
     def commit_points(self) -> dict[TopicPartition, OffsetAndMetadata]:
-        points = dict(self._next)
-        for firsts in reversed(self._in_flight.values()):  # oldest batch last: it wins
-            points.update((tp, offset) for tp, offset in firsts.items() if tp in points)
-        return {tp: OffsetAndMetadata(offset, "", -1) for tp, offset in points.items()}
+        """Per partition, the offset up to which everything is durable, and the metadata to
+        resume with (commit step 2). Must never pass an offset still needed by held work."""
 
     def pending(self) -> int:
-        return len(self._in_flight)
+        """Work handed out and not yet acknowledged (a draining source waits for 0)."""
 
     def stats(self) -> dict[str, Any]:
-        return {}
+        """Counters for the source's report."""
+
+
+class DeadLetterOutput(Protocol):
+    """Where the source sends a stage's dead letters (`pipeline.stream.dlq.DeadLetterWriter`)."""
+
+    def send(self, letters: list[Any]) -> None:
+        """Queue letters for their topic (asynchronous)."""
+
+    def flush(self, timeout_ms: int | None = None) -> None:
+        """Return once every letter sent is in its topic (commit step 3)."""
 
 
 class _Rebalance(AsyncConsumerRebalanceListener):
@@ -223,12 +194,11 @@ class KafkaSourceActor:
         group_id: str,
         client_options: dict[str, Any],
         out: Queue,
+        stage: Stage,
         acks: Queue | None = None,
-        decode: Callable[[bytes], Any] = _identity,
         max_records: int = 500,
         poll_timeout_ms: int = 200,
-        stage: Stage | None = None,
-        dead_letters: Callable[[], DeadLetterSink] | None = None,
+        dead_letters: Callable[[], DeadLetterOutput] | None = None,
         report: Callable[[str, dict[str, Any]], None] | None = None,
         name: str = "source",
         commit_interval_s: float = 0.2,
@@ -238,7 +208,7 @@ class KafkaSourceActor:
     ) -> None:
         self._out, self._acks = out, acks
         self._acked: SimpleQueue[Any] = SimpleQueue()  # filled by `acknowledge` on another thread
-        self._stage: Stage = stage if stage is not None else BatchStage(decode)
+        self._stage = stage
         self._dead_letters = dead_letters() if dead_letters is not None else None
         self._report, self.name = report, name
         self._max_records, self._poll_timeout_ms = max_records, poll_timeout_ms
@@ -436,6 +406,7 @@ class KafkaSourceActor:
             self._paused_at = None
 
     def _acknowledge(self) -> None:
+        """Commit step 1: hand the sink's acks to the stage."""
         while not self._acked.empty():
             self._stage.acknowledge(self._acked.get())
         while self._acks is not None:
@@ -451,7 +422,7 @@ class KafkaSourceActor:
         offsets = self._safe_offsets(self._known)
         if not offsets:
             return
-        try:
+        try:  # commit step 4
             if self._ask(self._consumer.commit, offsets) is AWAY:
                 return
         except KafkaError as error:  # a rebalance is under way; its listener commits
@@ -464,14 +435,14 @@ class KafkaSourceActor:
         self, partitions: set[TopicPartition]
     ) -> dict[TopicPartition, OffsetAndMetadata]:
         """Offsets that moved past the last commit, made safe to commit: acks read, DLQ flushed."""
-        self._acknowledge()
-        points = self._stage.commit_points()
+        self._acknowledge()  # commit step 1
+        points = self._stage.commit_points()  # commit step 2
         offsets = {
             tp: point
             for tp, point in points.items()
             if tp in partitions and point.offset > self._committed.get(tp, _NO_COMMIT).offset
         }
-        # Dead letters below the offsets must be in their topic first.
+        # Commit step 3: dead letters below the offsets must be in their topic first.
         flushed = not offsets or self._dead_letters is None or self._ask(self._dead_letters.flush)
         return {} if flushed is AWAY else offsets
 
@@ -542,4 +513,4 @@ class KafkaSourceActor:
         if self._report is None or (not force and time.monotonic() - self._last_report < 1.0):
             return
         self._last_report = time.monotonic()
-        self._report(self.name, self.snapshot())
+        self._report(self.name, self.snapshot())  # commit step 5: the sink forgets past keys

@@ -40,7 +40,7 @@ from pipeline.training.corpus import (
     tokenize_corpus,
     tokenizer_from_json,
 )
-from pipeline.training.metrics import MetricsSink
+from pipeline.training.metrics import MetricsLog
 from pipeline.training.stages import MODEL_STAGES, REQUIRES, TrainConfig, plan_stages, stage_record
 from pipeline.training.storage import STORAGE_LAYOUT, RunLayout, Storage
 from pipeline.training.worker import ModelConfig, WorkerPlan, positions_per_row, train_loop
@@ -250,7 +250,7 @@ def model_stage(
     spec = request.config.stage(stage).train
     model_config = resolve_model_config(stage, request.config, tokenizer.vocab_size, layout)
     started = time.perf_counter()
-    with MetricsSink(layout, stage, spec.steps, console) as sink:
+    with MetricsLog(layout, stage, spec.steps, console) as metrics_log:
         plan = WorkerPlan(
             stage=stage,
             config=request.config,
@@ -262,7 +262,7 @@ def model_stage(
             if stage == "calm"
             else None,
             storage=layout.storage,
-            metrics=sink.channel,
+            metrics=metrics_log.channel,
             threads=max(1, int(request.cpus_per_worker)),
         )
         try:

@@ -59,7 +59,7 @@ def _format_eval(row: dict[str, Any]) -> str:
     return f"eval {row['split']} @ step {row['step']}: {values}"
 
 
-class MetricsSink:
+class MetricsLog:
     """The driver side of one stage: progress bar + metrics files. Use as a context manager."""
 
     def __init__(self, layout: RunLayout, stage: str, total_steps: int, console: Console):

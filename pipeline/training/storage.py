@@ -150,9 +150,7 @@ def read_finished_run(run_dir: str | Path) -> FinishedRun:
         if (marker := layout.complete_marker(stage)) is not None
     }
     if "calm" not in markers:
-        raise FileNotFoundError(
-            f"{run_dir}: the calm stage is not complete (no calm/{COMPLETE})"
-        )
+        raise FileNotFoundError(f"{run_dir}: the calm stage is not complete (no calm/{COMPLETE})")
     recipe = {
         "run": layout.storage.read_json(layout.run_json),
         "stages": {
