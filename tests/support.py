@@ -325,6 +325,16 @@ def run_scraped(
 
 # Unit-test builders
 
+# The headers a dead letter carries after the producer's own, in this order.
+CALM_HEADERS = [
+    "calm.error.reason",
+    "calm.error.field",
+    "calm.error.message",
+    "calm.source.topic",
+    "calm.source.partition",
+    "calm.source.offset",
+]
+
 
 def iot_bytes(device: str, seq: int, ts_ms: int, value: float = 20.0) -> bytes:
     """One valid IoT reading (a single temperature metric) as the producer sends it."""

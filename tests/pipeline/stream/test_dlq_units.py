@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 import pyarrow as pa
 import pytest
 from kafka.structs import TopicPartition
-from support import polled
+from support import CALM_HEADERS, polled
 
 from operators.windows import WindowSpec
 from pipeline.sinks.schemas import DEAD_LETTER_SCHEMA
@@ -24,14 +24,6 @@ from pipeline.stream.source import SourceRecord
 pa.array([0])
 T0 = 1_700_000_040_000  # 2023-11-14T22:14:00Z
 PRODUCER_HEADERS = (("trace", b"abc"), ("tag", None), ("trace", b"def"))
-CALM_HEADERS = [
-    "calm.error.reason",
-    "calm.error.field",
-    "calm.error.message",
-    "calm.source.topic",
-    "calm.source.partition",
-    "calm.source.offset",
-]
 
 
 def record(**where: object) -> SourceRecord:

@@ -18,6 +18,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from kafka import KafkaProducer
 from support import (
+    CALM_HEADERS,
     INT64_MAX,
     Source,
     committed_offsets,
@@ -284,16 +285,6 @@ def test_a_record_with_neither_key_nor_value_reaches_the_dlq_topic(
     row = read_back(tmp_path / "sink", "dlq").to_pylist()[0]
     assert (row["message_key"], row["value"], row["reason"]) == (None, None, "null_value")
     assert row["headers"] == [{"key": "n", "value": None}, {"key": "u", "value": b"\xff"}]
-
-
-CALM_HEADERS = [
-    "calm.error.reason",
-    "calm.error.field",
-    "calm.error.message",
-    "calm.source.topic",
-    "calm.source.partition",
-    "calm.source.offset",
-]
 
 
 # Bad records with odd headers: repeated and empty keys, binary and big values, none at all.
