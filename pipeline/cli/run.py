@@ -42,6 +42,8 @@ def run_command(
     ] = None,
 ) -> None:
     """Run the streaming pipeline from the settings until SIGTERM/SIGINT (drain, flush, commit)."""
+    import ray
+
     from model.bundle import BundleError
     from pipeline.sinks.files import SinkError
     from pipeline.stream.job import JobOptions, preflight, run_pipeline
@@ -58,6 +60,7 @@ def run_command(
             signal.signal(signum, lambda *_: stop.set())
         report = run_pipeline(settings, options, stop)
     except (SettingsError, BundleError, SinkError) as error:
+        ray.shutdown()  # Ray logs its killed actors as it stops: before the one line, not after
         raise fail(error) from None
     print(
         json.dumps(

@@ -79,8 +79,10 @@ def short_run(ray_local, kafka_broker, tmp_path_factory) -> ShortRun:
     send(settings, "iot", 400, seed=5, entities=4, mess=MESS)
     send(settings, "transactions", 150, seed=6, entities=10, mess=MESS)
     dashboard = chart_dashboard()
+    # Sources report their lag once a second: a run idle for 3 s at its end serves it for at
+    # least two reports, however slowly the first run of a session starts.
     _, scrape = run_scraped(
-        settings, JobOptions(until_idle_s=1.0), lambda text: not unmet(dashboard, text)
+        settings, JobOptions(until_idle_s=3.0), lambda text: not unmet(dashboard, text)
     )
     return ShortRun(Path(settings.sinks.root), scrape)
 
