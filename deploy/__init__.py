@@ -1,4 +1,4 @@
-"""calm-stream deploy: the local Kafka broker tooling, container images and the model registry
+"""calm-stream deploy: container images and the model registry
 that ships with the package (`SHIPPED_REGISTRY`, the demo's and the commands' default)."""
 
 from pathlib import Path

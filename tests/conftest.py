@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 import pytest
 from kafka.admin import KafkaAdminClient
 
-from deploy.local_kafka import LocalKafka, SaslUser
+from pipeline.kafka.local_broker import LocalKafka, SaslUser
 from pipeline.settings import RaySettings
 from pipeline.stream.runtime import init_ray
 

@@ -1,6 +1,6 @@
 """`calm-stream kafka fetch|start|stop|status`: a local Apache Kafka broker that outlives the CLI.
 
-The broker itself is deploy.local_kafka's: single-node KRaft from Maven Central jars, on free
+The broker itself is pipeline.kafka.local_broker's: single-node KRaft from Maven Central jars, on free
 loopback ports, recorded in a state file under the user cache dir so later commands find it.
 """
 
@@ -16,9 +16,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from deploy import local_kafka
-from deploy.local_kafka import BrokerState, KafkaBrokerError, SaslUser
 from pipeline.cli.errors import fail
+from pipeline.kafka import local_broker
+from pipeline.kafka.local_broker import BrokerState, KafkaBrokerError, SaslUser
 from pipeline.settings import LOCAL_KAFKA_PASSWORD_ENV
 
 kafka_app = typer.Typer(
@@ -44,12 +44,12 @@ def _describe(state: BrokerState) -> str:
 def fetch() -> None:
     """Fetch the broker jars from Maven Central into the user cache (once; later runs reuse them)."""
     try:
-        with console.status(f"fetching the Kafka {local_kafka.kafka_version()} broker jars..."):
-            libs = local_kafka.fetch_jars()
+        with console.status(f"fetching the Kafka {local_broker.kafka_version()} broker jars..."):
+            libs = local_broker.fetch_jars()
     except KafkaBrokerError as error:
         raise fail(error, 1) from None
     console.print(
-        f"Kafka {local_kafka.kafka_version()} broker jars: {libs}", highlight=False, soft_wrap=True
+        f"Kafka {local_broker.kafka_version()} broker jars: {libs}", highlight=False, soft_wrap=True
     )
 
 
@@ -106,8 +106,8 @@ def start(
         raise fail("--sasl-user and --sasl-password go together")
     try:
         sasl = SaslUser(sasl_user, sasl_password) if sasl_user is not None else None
-        with console.status(f"starting Kafka {local_kafka.kafka_version()} broker {name!r}..."):
-            state = local_kafka.start(name, sasl=sasl, startup_timeout_s=timeout)
+        with console.status(f"starting Kafka {local_broker.kafka_version()} broker {name!r}..."):
+            state = local_broker.start(name, sasl=sasl, startup_timeout_s=timeout)
     except ValueError as error:
         raise fail(error) from None
     except KafkaBrokerError as error:
@@ -131,7 +131,7 @@ def start(
 def status(name: NameOption = "default", as_json: JsonOption = False) -> None:
     """Show whether the local broker runs and serves; exit code 1 when it does not."""
     try:
-        current = local_kafka.status(name)
+        current = local_broker.status(name)
     except (ValueError, KafkaBrokerError) as error:
         raise fail(error) from None
     if current is None:
@@ -184,7 +184,7 @@ def stop(
 ) -> None:
     """Stop the local broker and delete its data (the next start is a fresh cluster)."""
     try:
-        state = local_kafka.stop(name, timeout_s=timeout)
+        state = local_broker.stop(name, timeout_s=timeout)
     except (ValueError, KafkaBrokerError) as error:
         raise fail(error) from None
     if state is None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from deploy.local_kafka import LocalKafka
 from pipeline.kafka.check import check_kafka
+from pipeline.kafka.local_broker import LocalKafka
 from pipeline.settings import Settings
 
 

@@ -19,7 +19,7 @@ import pytest
 from dashboard_queries import chart_dashboard, queries, series_of, unmet
 from support import pipeline_settings, read_back, run_scraped, send, tiny_registry
 
-from deploy.local_kafka import _free_ports
+from pipeline.kafka.local_broker import free_ports
 from pipeline.sim.simulator import Mess
 from pipeline.stream.job import JobOptions
 
@@ -74,7 +74,7 @@ def short_run(ray_local, kafka_broker, tmp_path_factory) -> ShortRun:
         base,
         tiny_registry(tmp_path_factory),
         "views",
-        metrics={"port": _free_ports(1)[0]},
+        metrics={"port": free_ports(1)[0]},
     )
     send(settings, "iot", 400, seed=5, entities=4, mess=MESS)
     send(settings, "transactions", 150, seed=6, entities=10, mess=MESS)

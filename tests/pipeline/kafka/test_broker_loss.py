@@ -31,7 +31,7 @@ from support import (
     write_config,
 )
 
-from deploy.local_kafka import LocalKafka
+from pipeline.kafka.local_broker import LocalKafka
 from pipeline.settings import Settings
 
 pytestmark = pytest.mark.integration

@@ -13,7 +13,7 @@ from subprocess import CompletedProcess
 
 import pytest
 
-from deploy.local_kafka import LocalKafka
+from pipeline.kafka.local_broker import LocalKafka
 
 KAFKA_COMMANDS = [
     ["run", "--passthrough"],

@@ -1,4 +1,4 @@
-"""The local Apache Kafka broker (deploy/local_kafka.py) against kafka-python: consumer-group
+"""The local Apache Kafka broker (pipeline/kafka/local_broker.py) against kafka-python: consumer-group
 resume without loss or duplicates, the SASL listener, and the CLI's named-broker life cycle."""
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from kafka.errors import KafkaTimeoutError
 from kafka.structs import OffsetAndMetadata
 from typer.testing import CliRunner
 
-from deploy import local_kafka
-from deploy.local_kafka import KafkaBrokerError, LocalKafka, SaslUser
 from pipeline.cli.kafka import kafka_app
+from pipeline.kafka import local_broker
+from pipeline.kafka.local_broker import KafkaBrokerError, LocalKafka, SaslUser
 
 MESSAGES = 10_000
 PARTITIONS = 3
@@ -261,7 +261,7 @@ def test_cli_start_status_stop_of_a_named_broker():
     started = runner.invoke(kafka_app, ["start", "--name", name])
     try:
         assert started.exit_code == 0, started.output
-        state = local_kafka.read_state(name)
+        state = local_broker.read_state(name)
         assert state is not None and state.bootstrap_servers in started.output
         admin = KafkaAdminClient(bootstrap_servers=state.bootstrap_servers)
         admin.create_topics({"cli-topic": {"num_partitions": 1, "replication_factor": 1}})
@@ -277,8 +277,8 @@ def test_cli_start_status_stop_of_a_named_broker():
     finally:
         stopped = runner.invoke(kafka_app, ["stop", "--name", name])
     assert stopped.exit_code == 0 and "stopped" in stopped.output
-    assert not local_kafka.pid_alive(state.pid)
-    assert local_kafka.read_state(name) is None
+    assert not local_broker.pid_alive(state.pid)
+    assert local_broker.read_state(name) is None
     assert runner.invoke(kafka_app, ["status", "--name", name]).exit_code == 1
 
 
@@ -309,7 +309,7 @@ def test_missing_maven_is_a_clear_error(tmp_path, monkeypatch):
 
 @pytest.mark.integration
 def test_missing_java_is_a_clear_error(tmp_path, monkeypatch):
-    local_kafka.fetch_jars()  # cached jars: only java is missing
+    local_broker.fetch_jars()  # cached jars: only java is missing
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(KafkaBrokerError, match=r"Java \(17 or newer\) is not on PATH"):
         LocalKafka().start()
@@ -317,7 +317,7 @@ def test_missing_java_is_a_clear_error(tmp_path, monkeypatch):
 
 def test_a_cluster_id_that_starts_with_a_dash_still_formats(monkeypatch):
     """One base64url id in 64 starts with "-"; kafka-storage must not read it as a flag."""
-    monkeypatch.setattr(local_kafka, "_cluster_id", lambda: "-" + "A" * 21)
+    monkeypatch.setattr(local_broker, "_cluster_id", lambda: "-" + "A" * 21)
     with LocalKafka() as broker:
         admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap_servers)
         try:

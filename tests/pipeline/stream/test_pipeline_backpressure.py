@@ -13,8 +13,8 @@ import urllib.request
 from prometheus_client.parser import text_string_to_metric_families
 from support import committed_offsets, pipeline_settings, tiny_registry
 
-from deploy.local_kafka import _free_ports
 from pipeline.kafka.clients import kafka_client_options
+from pipeline.kafka.local_broker import free_ports
 from pipeline.sim.producer import TopicWriter, produce
 from pipeline.sim.simulator import simulate
 from pipeline.stream.job import JobOptions, ensure_topics, run_pipeline
@@ -45,7 +45,7 @@ def consumed(port: int) -> float:
 def test_slow_model_bounds_memory_and_grows_the_lag(
     ray_local, kafka_broker, tmp_path_factory, tmp_path
 ):
-    port = _free_ports(1)[0]
+    port = free_ports(1)[0]
     settings = pipeline_settings(
         kafka_broker.bootstrap_servers,
         tmp_path,

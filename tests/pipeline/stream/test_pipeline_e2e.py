@@ -23,9 +23,9 @@ from support import (
     tiny_registry,
 )
 
-from deploy.local_kafka import _free_ports
 from operators.facts import reference_facts, score
 from operators.stats import window_stats
+from pipeline.kafka.local_broker import free_ports
 from pipeline.sim.simulator import Mess
 from pipeline.stream.job import JobOptions
 
@@ -47,7 +47,7 @@ def shows_results(text: str) -> bool:
 def test_every_window_once_every_bad_message_in_the_dlq_offsets_at_the_end(
     ray_local, kafka_broker, registry, tmp_path
 ):
-    port = _free_ports(1)[0]
+    port = free_ports(1)[0]
     # Two sources in one group: the second joins while the first consumes, so partitions move.
     settings = pipeline_settings(
         kafka_broker.bootstrap_servers,

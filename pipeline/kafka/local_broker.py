@@ -3,7 +3,7 @@
 Used by the test harness (one throwaway broker per test session) and by `calm-stream kafka
 start|stop|status` (a named broker that outlives the CLI process). The steps:
 
-1. fetch_jars(): `mvn copy-dependencies` on deploy/kafka/pom.xml, once, into
+1. fetch_jars(): `mvn copy-dependencies` on pipeline/kafka/broker/pom.xml, once, into
    ${XDG_CACHE_HOME:-~/.cache}/calm-stream/kafka/<version>/libs (reused afterwards);
 2. LocalKafka.start(): render server.properties on free loopback ports, format a fresh
    KRaft log dir (static quorum), launch `java ... kafka.Kafka`, wait until an admin
@@ -37,11 +37,12 @@ from pathlib import Path
 from string import Template
 from typing import Self
 
-from kafka import KafkaAdminClient
 from kafka.admin import UserScramCredentialUpsertion
 from kafka.errors import KafkaError
 
-KAFKA_DIR = Path(__file__).resolve().parent / "kafka"
+from pipeline.kafka.clients import admin_client
+
+KAFKA_DIR = Path(__file__).resolve().parent / "broker"
 POM = KAFKA_DIR / "pom.xml"
 DEPENDENCY_PLUGIN = "org.apache.maven.plugins:maven-dependency-plugin:3.8.1:copy-dependencies"
 # TieredStopAtLevel=1 (C1 only) halves the CPU a start costs (about 7 -> 3.7 CPU-seconds) and
@@ -163,7 +164,7 @@ def _java() -> str:
 # ---------------------------------------------------------------- one broker
 
 
-def _free_ports(n: int) -> list[int]:
+def free_ports(n: int) -> list[int]:
     """n distinct free loopback ports: bind port 0 on all of them at once, then release."""
     sockets = [socket.socket() for _ in range(n)]
     try:
@@ -314,7 +315,7 @@ class LocalKafka:
 
     def _write_config(self) -> None:
         names = ["plaintext", "controller"] + (["sasl"] if self.sasl else [])
-        self.ports = dict(zip(names, _free_ports(len(names))))
+        self.ports = dict(zip(names, free_ports(len(names))))
         listeners = {"PLAINTEXT": self.ports["plaintext"]}
         if self.sasl:
             listeners["SASL_PLAINTEXT"] = self.ports["sasl"]
@@ -384,7 +385,7 @@ class LocalKafka:
         if self.sasl is None or "SCRAM-SHA-256" not in self.sasl.mechanisms:
             return
         user, timeout_ms = self.sasl, round(self.startup_timeout_s * 1000)
-        admin = KafkaAdminClient(bootstrap_servers=self.bootstrap_servers)
+        admin = admin_client({"bootstrap_servers": self.bootstrap_servers})
         try:
             errors = admin.alter_user_scram_credentials(
                 [UserScramCredentialUpsertion(user.username, "SCRAM-SHA-256", user.password)]
@@ -394,13 +395,15 @@ class LocalKafka:
         if errors.get(user.username):
             raise KafkaBrokerError(f"adding the SCRAM user failed: {errors[user.username]}")
         try:  # the broker learns the credentials from the metadata log, a moment later
-            KafkaAdminClient(
-                bootstrap_servers=self.sasl_bootstrap_servers,
-                security_protocol="SASL_PLAINTEXT",
-                sasl_mechanism="SCRAM-SHA-256",
-                sasl_plain_username=user.username,
-                sasl_plain_password=user.password,
-                bootstrap_timeout_ms=timeout_ms,
+            admin_client(
+                {
+                    "bootstrap_servers": self.sasl_bootstrap_servers,
+                    "security_protocol": "SASL_PLAINTEXT",
+                    "sasl_mechanism": "SCRAM-SHA-256",
+                    "sasl_plain_username": user.username,
+                    "sasl_plain_password": user.password,
+                    "bootstrap_timeout_ms": timeout_ms,
+                }
             ).close()
         except KafkaError as error:
             raise KafkaBrokerError(f"the SASL listener refused the SCRAM user: {error}") from None
@@ -417,10 +420,12 @@ class LocalKafka:
                 )
             if all(_port_open(port) for port in self.ports.values()):
                 try:
-                    admin = KafkaAdminClient(
-                        bootstrap_servers=self.bootstrap_servers,
-                        bootstrap_timeout_ms=5000,
-                        request_timeout_ms=5000,
+                    admin = admin_client(
+                        {
+                            "bootstrap_servers": self.bootstrap_servers,
+                            "bootstrap_timeout_ms": 5000,
+                            "request_timeout_ms": 5000,
+                        }
                     )
                     try:
                         admin.list_topics()
