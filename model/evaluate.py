@@ -57,11 +57,14 @@ def ar_probability(model: ARModel, context_tokens: int):
             clip_context(p, context_tokens) + c[:-1].tolist()
             for p, c in zip(prefixes, continuations)
         ]
+        device = model.lm_head.weight.device
         ids, mask = pad_prompts(rows, 1)  # left-padded: every continuation ends the row
-        hidden, _ = model.backbone(model.embed_chunks(ids), attention_mask=mask)
+        hidden, _ = model.backbone(
+            model.embed_chunks(ids.to(device)), attention_mask=mask.to(device)
+        )
         logp = torch.log_softmax(model.lm_head(hidden[:, -n:]).float(), dim=-1)
-        token_logp = logp.gather(-1, torch.as_tensor(continuations)[..., None])[..., 0]
-        return token_logp.cumsum(-1).exp().numpy()
+        index = torch.as_tensor(continuations, device=device)[..., None]
+        return logp.gather(-1, index)[..., 0].cumsum(-1).exp().cpu().numpy()
 
     return probability
 

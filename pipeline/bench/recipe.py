@@ -1,11 +1,13 @@
 """The recipe study (`calm-stream bench recipe`): which training recipe teaches a small CALM the
-domain task fastest, arms side by side under one wall-clock budget.
+domain task fastest, arms side by side under one budget.
 
 Every arm trains from the same tokenizer and autoencoder (those of a training run, so the arms
-differ only in what they change), on the same domain corpus, for the same training CPU seconds
-(its process's CPU time, evaluation not counted: on a shared 2-core box wall time measures the
-neighbours as much as the arm), its learning rate annealed by that clock rather than by a step
-count that no arm knows in advance. At every evaluation point, on held-out documents: the loss on the
+differ only in what they change), on the same domain corpus, for the same budget: training CPU
+seconds (its process's CPU time, evaluation not counted: on a shared 2-core box wall time measures
+the neighbours as much as the arm), its learning rate annealed by that clock rather than by a step
+count that no arm knows in advance; or optimiser steps, on an accelerator (`device`), where
+CPU time measures kernel launches and a step-count curve says how many steps a recipe needs
+wherever it runs. At every evaluation point, on held-out documents: the loss on the
 summaries' chunks only (CALM: energy; AR: cross-entropy) and CALM's teacher-forced chunk accuracy
 on all summary chunks and on those holding a digit (pipeline.training.evaluation.summary_metrics).
 At the end, on the test split (entities never trained on): BrierLM, fact accuracy (precision,
@@ -19,6 +21,7 @@ import json
 import math
 import multiprocessing
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -55,6 +58,27 @@ from pipeline.training.evaluation import (
 )
 from pipeline.training.recipe_arms import ARMS, Arm
 from pipeline.training.stages import EvalSpec, TrainSpec, load_train_config
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What every arm gets the same amount of: training CPU seconds or optimiser steps."""
+
+    cpu_seconds: float | None = None
+    steps: int | None = None
+
+    def __post_init__(self) -> None:
+        if (self.cpu_seconds is None) == (self.steps is None):
+            raise ValueError("a budget is CPU seconds or steps, one of the two")
+
+    def progress(self, clock: float, step: int) -> float:
+        """How much of the budget is spent (0..1) after `step` steps and `clock` CPU seconds."""
+        return step / self.steps if self.steps else clock / self.cpu_seconds
+
+    def describe(self) -> str:
+        if self.steps:
+            return f"{self.steps} optimiser steps per arm"
+        return f"{self.cpu_seconds / 60:g} training CPU minutes per arm"
 
 
 @dataclass(frozen=True)
@@ -128,14 +152,17 @@ def budget_lr_factor(progress: float, arm: Arm, min_ratio: float) -> float:
     return lr_factor(tick, ticks, round(arm.warmup_fraction * ticks), min_ratio)
 
 
-def _build(arm: Arm, assets: StudyAssets) -> tuple[CALM | ARModel, torch.nn.Module, TrainSpec]:
+def _build(
+    arm: Arm, assets: StudyAssets, device: str
+) -> tuple[CALM | ARModel, torch.nn.Module, TrainSpec]:
     torch.manual_seed(assets.seed)
     if arm.model == "ar":
-        model = ARModel(assets.ar)
+        model = ARModel(assets.ar).to(device)
         return model, model, assets.ar_train.model_copy(update=arm.train)
     spec = assets.calm_train.model_copy(update=arm.train)
     model = CALM(assets.calm, load_checkpoint(assets.autoencoder_dir))
-    return model, CALMObjective(model, spec.aux_weight, spec.target_scale), spec
+    objective = CALMObjective(model, spec.aux_weight, spec.target_scale).to(device)
+    return model, objective, spec
 
 
 def _evaluate(
@@ -148,10 +175,18 @@ def _evaluate(
     return metrics
 
 
-def train_arm(arm: Arm, assets: StudyAssets, budget_s: float, evaluations: int) -> dict[str, Any]:
-    """Train one arm for `budget_s` training CPU seconds; its learning curve and final scores."""
+def train_arm(
+    arm: Arm,
+    assets: StudyAssets,
+    budget: Budget,
+    evaluations: int,
+    device: str = "cpu",
+    on_point: Callable[[list[dict[str, Any]]], None] | None = None,
+) -> dict[str, Any]:
+    """Train one arm for `budget`; its learning curve and final scores. `on_point` gets the
+    curve so far after every evaluation point (a long study can be watched, or cut short)."""
     torch.set_num_threads(1)  # one core per arm: arms compare by CPU time
-    model, objective, spec = _build(arm, assets)
+    model, objective, spec = _build(arm, assets, device)
     kind = "calm" if arm.model == "calm" else "ar"
     samples = sample_space(kind, assets.splits["train"], model.config, spec, assets.seed)
     sampler = ShardSampler(len(samples), spec.batch_size, 1, 0, assets.seed)
@@ -163,9 +198,9 @@ def train_arm(arm: Arm, assets: StudyAssets, budget_s: float, evaluations: int) 
     autocast = torch.bfloat16 if arm.bf16 else None
     curve = [{"step": 0, "seconds": 0.0} | _evaluate(model, assets, spec, digits)]
     clock, step, losses, started = 0.0, 0, [], time.perf_counter()
-    next_eval = budget_s / evaluations
-    while clock < budget_s:
-        factor = budget_lr_factor(clock / budget_s, arm, spec.min_lr_ratio)
+    next_eval = 1 / evaluations
+    while budget.progress(clock, step) < 1:
+        factor = budget_lr_factor(budget.progress(clock, step), arm, spec.min_lr_ratio)
         for group, base in zip(optimizer.param_groups, base_lrs):
             group["lr"] = base * factor
         tic = time.process_time()
@@ -174,12 +209,20 @@ def train_arm(arm: Arm, assets: StudyAssets, budget_s: float, evaluations: int) 
         losses.append(train_step(objective, optimizer, batch, spec.max_grad_norm, autocast))
         clock += time.process_time() - tic
         step += 1
-        if clock >= next_eval or clock >= budget_s:
+        if budget.progress(clock, step) >= min(next_eval, 1):
             point = _evaluate(model, assets, spec, digits)
             curve.append(
-                {"step": step, "seconds": clock, "train_loss": float(np.mean(losses))} | point
+                {
+                    "step": step,
+                    "seconds": clock,
+                    "wall_seconds": time.perf_counter() - started,
+                    "train_loss": float(np.mean(losses)),
+                }
+                | point
             )
-            losses, next_eval = [], next_eval + budget_s / evaluations
+            losses, next_eval = [], next_eval + 1 / evaluations
+            if on_point is not None:
+                on_point(curve)
     model.eval()
     test = assets.splits.get("test", assets.splits["valid"])
     evaluation = assets.evaluation
@@ -188,6 +231,7 @@ def train_arm(arm: Arm, assets: StudyAssets, budget_s: float, evaluations: int) 
     final |= fact_metrics(model, tokenizer, test, evaluation, assets.seed)
     return {
         "arm": asdict(arm),
+        "device": device,
         "steps": step,
         "train_cpu_seconds": clock,
         "wall_seconds": time.perf_counter() - started,
@@ -197,10 +241,16 @@ def train_arm(arm: Arm, assets: StudyAssets, budget_s: float, evaluations: int) 
 
 
 def _train_arm_in_process(
-    arm: Arm, assets: StudyAssets, budget_s: float, evaluations: int, out: Path
+    arm: Arm, assets: StudyAssets, budget: Budget, evaluations: int, device: str, out: Path
 ) -> dict[str, Any]:
-    result = train_arm(arm, assets, budget_s, evaluations)
-    (out / f"{arm.name}.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
+    path = out / f"{arm.name}.json"
+
+    def write_partial(curve: list[dict[str, Any]]) -> None:
+        partial = {"arm": asdict(arm), "device": device, "partial": True, "curve": curve}
+        path.write_text(json.dumps(partial, indent=2, default=float) + "\n")
+
+    result = train_arm(arm, assets, budget, evaluations, device, write_partial)
+    path.write_text(json.dumps(result, indent=2, default=float) + "\n")
     return result
 
 
@@ -208,12 +258,14 @@ def run_study(
     assets: StudyAssets,
     arms: list[str],
     out: Path,
-    budget_minutes: float,
+    budget: Budget,
     evaluations: int,
     parallel: int,
     progress=None,
+    device: str = "cpu",
 ) -> dict[str, Any]:
-    """Train the arms (`parallel` at a time, one process each) and write the study's outputs."""
+    """Train the arms (`parallel` at a time, one process each, on `device`) and write the study's
+    outputs."""
     unknown = [a for a in arms if a not in ARMS]
     if unknown:
         raise ValueError(f"unknown arm(s) {unknown}; arms are {', '.join(ARMS)}")
@@ -222,7 +274,7 @@ def run_study(
     with ProcessPoolExecutor(max_workers=parallel, mp_context=context) as pool:
         futures = {
             name: pool.submit(
-                _train_arm_in_process, ARMS[name], assets, budget_minutes * 60, evaluations, out
+                _train_arm_in_process, ARMS[name], assets, budget, evaluations, device, out
             )
             for name in arms
         }
@@ -231,10 +283,10 @@ def run_study(
             results[name] = future.result()
             if progress is not None:
                 progress(name, results[name])
-    table = {"budget_minutes": budget_minutes, "rows": [summary_row(r) for r in results.values()]}
+    table = {"budget": budget.describe(), "rows": [summary_row(r) for r in results.values()]}
     (out / "table.json").write_text(json.dumps(table, indent=2, default=float) + "\n")
     (out / "table.md").write_text(markdown(table))
-    plot_curves(list(results.values()), out / "curves.png")
+    plot_curves(list(results.values()), out / "curves.png", by_steps=budget.steps is not None)
     return table
 
 
@@ -281,7 +333,7 @@ def markdown(table: dict[str, Any]) -> str:
         "draws_per_step",
     ]
     lines = [
-        f"Budget: {table['budget_minutes']:g} training CPU minutes per arm.",
+        f"Budget: {table['budget']}.",
         "",
         "| " + " | ".join(columns) + " |",
         "|" + "---|" * len(columns),
@@ -290,7 +342,7 @@ def markdown(table: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_curves(results: list[dict[str, Any]], path: Path) -> None:
+def plot_curves(results: list[dict[str, Any]], path: Path, by_steps: bool = False) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -305,12 +357,12 @@ def plot_curves(results: list[dict[str, Any]], path: Path) -> None:
         for result in results:
             points = [p for p in result["curve"] if p.get(key) is not None]
             ax.plot(
-                [p["seconds"] / 60 for p in points],
+                [p["step"] if by_steps else p["seconds"] / 60 for p in points],
                 [p[key] for p in points],
                 marker="o",
                 label=result["arm"]["name"],
             )
-        ax.set_xlabel("training CPU minutes")
+        ax.set_xlabel("optimiser steps" if by_steps else "training CPU minutes")
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=7)

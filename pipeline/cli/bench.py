@@ -193,6 +193,17 @@ def recipe_command(
         float,
         typer.Option("--budget-minutes", min=0.1, help="Training CPU minutes per arm."),
     ] = 10.0,
+    budget_steps: Annotated[
+        int | None,
+        typer.Option(
+            "--budget-steps",
+            min=1,
+            help="Optimiser steps per arm instead of CPU minutes (for --device cuda).",
+        ),
+    ] = None,
+    device: Annotated[
+        str, typer.Option("--device", help="torch device the arms train on: cpu, cuda, cuda:1...")
+    ] = "cpu",
     evaluations: Annotated[
         int, typer.Option("--evaluations", min=1, help="Evaluation points per arm.")
     ] = 6,
@@ -208,10 +219,10 @@ def recipe_command(
         typer.Option("--set", help="Override a config field: stage.section.field=value."),
     ] = None,
 ) -> None:
-    """The recipe study: CALM (and AR) recipes side by side under one wall-clock budget, with
+    """The recipe study: CALM (and AR) recipes side by side under one budget, with
     learning curves of summary loss and teacher-forced digit-chunk accuracy, then BrierLM, fact
     accuracy and head draws per step on the test split."""
-    from pipeline.bench.recipe import load_assets, run_study
+    from pipeline.bench.recipe import Budget, load_assets, run_study
 
     try:
         assets = load_assets(run, corpus, str(config) if config else None, assignments or [])
@@ -222,5 +233,6 @@ def recipe_command(
         console.print(f"{name}: {result['steps']} steps, final {result['curve'][-1]}")
 
     names = arms or list(ARMS)
-    table = run_study(assets, names, out, budget_minutes, evaluations, parallel, progress)
+    budget = Budget(steps=budget_steps) if budget_steps else Budget(cpu_seconds=budget_minutes * 60)
+    table = run_study(assets, names, out, budget, evaluations, parallel, progress, device)
     print(json.dumps(json_safe(table), indent=2, sort_keys=True))

@@ -115,17 +115,22 @@ def summary_metrics(
     if not isinstance(model, CALM):
         return metrics
     hits, digit_hits = [], []
+    device = next(model.parameters()).device
+    digits_t = torch.from_numpy(digits).to(device)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         for ids, targets in batches:
-            ids_t, targets_t = torch.from_numpy(ids), torch.from_numpy(targets)
+            ids_t, targets_t = (
+                torch.from_numpy(ids).to(device),
+                torch.from_numpy(targets).to(device),
+            )
             out = model(ids_t, targets_t)
             truth = ids_t.view(len(ids), -1, model.config.k)[:, 1:][out.scored]
             hidden = out.hidden[out.scored]
             latent = model.head(hidden, model.noise((len(hidden), 1)))[:, 0]
             hit = (model.decode_latents(latent) == truth).all(-1)
             hits.append(hit)
-            digit_hits.append(hit[torch.from_numpy(np.isin(truth.numpy(), digits)).any(-1)])
+            digit_hits.append(hit[torch.isin(truth, digits_t).any(-1)])
     hits_all, digit_all = torch.cat(hits).float(), torch.cat(digit_hits).float()
     metrics["chunk_acc"] = hits_all.mean().item()
     metrics["digit_chunk_acc"] = digit_all.mean().item() if len(digit_all) else float("nan")

@@ -21,23 +21,63 @@ class Arm:
     bf16: bool = False  # bfloat16 autocast on the CPU
 
 
-ALIGNED = {"rows": "documents", "loss_on": "summary"}
+# Every arm states each recipe option it trains with, so that no arm inherits the study's config
+# (the domain recipe) by accident.
+FIRST = {"rows": "stream", "loss_on": "all"}  # the first recipe, for CALM and AR alike
+CALM_FIRST = FIRST | {"aux_weight": 0.0, "target_scale": 1.0}
+ALIGNED = CALM_FIRST | {"rows": "documents", "loss_on": "summary"}
 AUX = ALIGNED | {"aux_weight": 1.0}
+AUX_MEAN = AUX | {"target_scale": 0.0}  # calm-events-2.1.0's recipe
 ARMS = {
     arm.name: arm
     for arm in (
-        Arm("control", "today's recipe: rows at any stream offset, loss on every chunk"),
         Arm(
-            "documents", "rows start at a document: no prompt cut off", train={"rows": "documents"}
+            "control",
+            "the first recipe: rows at any stream offset, loss on every chunk",
+            train=CALM_FIRST,
         ),
-        Arm("summary-loss", "loss on the summary's chunks only", train={"loss_on": "summary"}),
+        Arm(
+            "documents",
+            "rows start at a document: no prompt cut off",
+            train=CALM_FIRST | {"rows": "documents"},
+        ),
+        Arm(
+            "summary-loss",
+            "loss on the summary's chunks only",
+            train=CALM_FIRST | {"loss_on": "summary"},
+        ),
         Arm("aligned", "document rows + summary-only loss (instruction tuning)", train=ALIGNED),
         Arm("aux", "+ training-only next-chunk cross-entropy head (PatchTrain)", train=AUX),
+        Arm("aux-mean-targets", "+ energy targets at the posterior mean", train=AUX_MEAN),
         Arm(
-            "aux-mean-targets",
-            "+ energy targets at the posterior mean",
-            train=AUX | {"target_scale": 0.0},
+            "mean-targets-no-aux",
+            "aligned + mean targets, no auxiliary head: is the second signal needed?",
+            train=ALIGNED | {"target_scale": 0.0},
         ),
+        Arm(
+            "aux3-mean-targets",
+            "aux-mean-targets with the auxiliary head at weight 3",
+            train=AUX_MEAN | {"aux_weight": 3.0},
+        ),
+        Arm(
+            "aux-mean-targets-lr3e-3",
+            "aux-mean-targets at twice the learning rate",
+            train=AUX_MEAN | {"lr": 3e-3},
+        ),
+        Arm(
+            "aux-mean-targets-batch32",
+            "aux-mean-targets with 32 rows a step (twice the tokens, and CPU time, per step)",
+            train=AUX_MEAN | {"batch_size": 32},
+        ),
+        Arm(
+            "aux-mean-targets-ear",
+            "aux-mean-targets with the authors' optimiser (EAR)",
+            train=AUX_MEAN,
+            schedule="constant",
+            warmup_fraction=0.1,
+            head_lr_ratio=0.25,
+        ),
+        Arm("recipe", "the study's config as it is (default: configs/domain.yaml)"),
         Arm(
             "aux-half-noise",
             "+ energy targets with half the posterior std",
@@ -52,12 +92,12 @@ ARMS = {
             head_lr_ratio=0.25,
         ),
         Arm("aux-bf16", "+ bfloat16 autocast: more steps in the same clock", train=AUX, bf16=True),
-        Arm("ar-control", "AR baseline, today's recipe", model="ar"),
+        Arm("ar-control", "AR baseline, the first recipe", model="ar", train=FIRST),
         Arm(
             "ar-aligned",
             "AR baseline, document rows + summary-only loss",
             model="ar",
-            train=ALIGNED,
+            train={"rows": "documents", "loss_on": "summary"},
         ),
     )
 }

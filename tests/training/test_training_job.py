@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 from model.checkpoint import load_checkpoint
 from model.config import config_from_dict
 from model.train_loops import lr_factor
-from pipeline.bench.recipe import load_assets, run_study
+from pipeline.bench.recipe import Budget, load_assets, run_study
 from pipeline.cli.train import train
 from pipeline.sim.corpus import write_corpus
 from pipeline.training.evaluation import brier_context
@@ -244,7 +244,9 @@ def test_the_recipe_study_trains_arms_side_by_side_on_the_runs_autoencoder(train
     request, _ = trained
     rows = ["calm.train.row_len=256", "ar.train.row_len=256"]  # a whole document per row
     assets = load_assets(Path(request.storage) / "tiny", request.corpus, str(TINY), rows)
-    table = run_study(assets, ["aux", "ar-aligned"], tmp_path, 0.05, evaluations=2, parallel=2)
+    table = run_study(
+        assets, ["aux", "ar-aligned"], tmp_path, Budget(cpu_seconds=3.0), evaluations=2, parallel=2
+    )
     assert [row["arm"] for row in table["rows"]] == ["aux", "ar-aligned"]
     for row in table["rows"]:
         assert row["steps"] > 0 and row["train_cpu_seconds"] >= 3.0
@@ -256,3 +258,8 @@ def test_the_recipe_study_trains_arms_side_by_side_on_the_runs_autoencoder(train
     assert all("digit_chunk_acc" in p for p in aux["curve"])  # CALM's teacher-forced accuracy
     assert (tmp_path / "curves.png").stat().st_size > 10_000
     assert "| aux |" in (tmp_path / "table.md").read_text()
+    # a step budget (the study on an accelerator): exactly that many steps, evaluated on the way
+    by_steps = run_study(assets, ["aux"], tmp_path / "steps", Budget(steps=6), 2, parallel=1)
+    assert by_steps["rows"][0]["steps"] == 6 and by_steps["budget"] == "6 optimiser steps per arm"
+    curve = json.loads((tmp_path / "steps" / "aux.json").read_text())["curve"]
+    assert [point["step"] for point in curve] == [0, 3, 6]
