@@ -1,4 +1,5 @@
-"""The training corpus: checked on the driver, read and tokenized by Ray Data, indexed by step.
+"""The training corpus: checked on the driver, tokenized, indexed by step (no Ray here: the job
+reads and tokenizes with Ray Data in pipeline.training.reading; the recipe study needs none).
 
 Two kinds of corpus:
 - a domain corpus directory as `calm-stream corpus build` writes it: train/valid/test files
@@ -12,7 +13,8 @@ Data order is deterministic, so that a resumed job trains on exactly the batches
 uninterrupted one would have:
 1. `inspect_corpus` checks every file on the driver (exists, format, readable, columns) before
    any worker starts.
-2. Ray Data reads every file (one read, order preserved) and tokenizes (map_batches); per split
+2. Ray Data reads every file (one read, order preserved) and tokenizes (map_batches,
+   pipeline.training.reading); per split
    the token ids are materialized as one stream `<bos> doc <eos> <bos> doc <eos> ...` (int32),
    which the job puts in the object store once. The corpus passes through the driver's memory,
    which bounds its size (fine for the corpora here: the domain corpus is ~2M tokens).
@@ -38,8 +40,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-import ray
-import ray.data
 from tokenizers import Tokenizer as HFTokenizer
 
 from model.config import ARConfig, AutoencoderConfig, CALMConfig
@@ -161,47 +161,6 @@ def inspect_corpus(location: str) -> CorpusSource:
     return CorpusSource("domain", location, fs, files)
 
 
-def _read(source: CorpusSource) -> ray.data.Dataset:
-    """All files of the corpus in one Ray Data read, each row tagged with its file's `path`."""
-    context = ray.data.DataContext.get_current()
-    context.execution_options.preserve_order = True  # the stream order must not depend on timing
-    context.enable_progress_bars = False  # the job draws its own
-    formats = {file.format for file in source.files.values()}
-    if len(formats) > 1:
-        raise CorpusError(f"{source.location}: mix of Parquet and JSONL splits; use one format")
-    paths = [file.path for file in source.files.values()]
-    if formats == {"parquet"}:
-        return ray.data.read_parquet(paths, filesystem=source.fs, include_paths=True)
-    return ray.data.read_json(paths, filesystem=source.fs, include_paths=True)  # JSON lines
-
-
-def read_corpus(source: CorpusSource, valid_fraction: float) -> pa.Table:
-    """Every record of the corpus on the driver: columns split, text (domain: prompt, facts).
-
-    Reads everything now, so that a corrupt record fails here, naming the file and the reason.
-    Domain records keep their file's split; plain documents are split by position, the last
-    `valid_fraction` of them held out.
-    """
-    try:
-        table = pa.concat_tables(ray.get(_read(source).to_arrow_refs()), promote_options="default")
-    except (ray.exceptions.RayError, pa.ArrowException, OSError, ValueError) as error:
-        # Ray wraps the reader's error; keep its message
-        raise CorpusError(
-            f"{source.location}: cannot read the corpus: {_first_line(error)}"
-        ) from None
-    split_of = {file.path: name for name, file in source.files.items()}
-    if source.kind == "domain":
-        return domain_table(table, [split_of[p] for p in table["path"].to_pylist()])
-    count = table.num_rows
-    n_valid = max(1, round(count * valid_fraction))
-    if count - n_valid < 1:
-        raise CorpusError(
-            f"{source.location}: {count} document(s) cannot be split into train and valid"
-        )
-    splits = ["train"] * (count - n_valid) + ["valid"] * n_valid
-    return pa.table({"split": splits, "text": table["text"]})
-
-
 def domain_table(records: pa.Table, splits: list[str]) -> pa.Table:
     """Domain records as training documents: split, text, prompt (and facts, if recorded)."""
     text = [
@@ -283,20 +242,6 @@ class TokenCorpus:
         return within >= self.summary_starts[doc]
 
 
-def tokenize_corpus(table: pa.Table, tokenizer: Tokenizer) -> dict[str, TokenCorpus]:
-    """Tokenize with Ray Data (parallel, order kept); one TokenCorpus per split."""
-    tokenized = ray.data.from_arrow(table).map_batches(
-        tokenize_records,
-        batch_format="pyarrow",
-        fn_kwargs={"tokenizer_json": tokenizer.hf.to_str()},
-    )
-    tokens = pa.concat_tables(ray.get(tokenized.to_arrow_refs()))
-    return {
-        name: token_corpus(tokens.filter(pc.equal(tokens["split"], name)))
-        for name in split_names(tokens)
-    }
-
-
 def token_corpus(table: pa.Table) -> TokenCorpus:
     """One split's tokenized records (tokenize_records) as a TokenCorpus."""
     ids = table["ids"].combine_chunks()
@@ -310,14 +255,6 @@ def token_corpus(table: pa.Table) -> TokenCorpus:
     )
     facts = table["facts"].to_pylist() if "facts" in table.column_names else []
     return TokenCorpus(stream, offsets, prompts, facts)
-
-
-def _first_line(error: BaseException) -> str:
-    cause = error
-    while cause.__cause__ is not None:
-        cause = cause.__cause__
-    lines = [line for line in str(cause).splitlines() if line.strip()]
-    return lines[-1] if lines else type(cause).__name__
 
 
 # ---------------------------------------------------------------------------------------------

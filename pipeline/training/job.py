@@ -35,12 +35,11 @@ from pipeline.training.corpus import (
     CorpusSource,
     TokenCorpus,
     inspect_corpus,
-    read_corpus,
     split_texts,
-    tokenize_corpus,
     tokenizer_from_json,
 )
 from pipeline.training.metrics import MetricsLog
+from pipeline.training.reading import read_corpus, tokenize_corpus
 from pipeline.training.stages import MODEL_STAGES, REQUIRES, TrainConfig, plan_stages, stage_record
 from pipeline.training.storage import STORAGE_LAYOUT, RunLayout, Storage
 from pipeline.training.worker import ModelConfig, WorkerPlan, positions_per_row, train_loop

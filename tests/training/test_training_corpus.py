@@ -19,11 +19,11 @@ from pipeline.training.corpus import (
     RowSamples,
     ShardSampler,
     inspect_corpus,
-    read_corpus,
     split_texts,
     training_document,
 )
 from pipeline.training.job import TrainRequest, run_training
+from pipeline.training.reading import read_corpus
 from pipeline.training.stages import CONFIG_DIR, load_train_config
 
 
