@@ -28,6 +28,8 @@ CALM_FIRST = FIRST | {"aux_weight": 0.0, "target_scale": 1.0}
 ALIGNED = CALM_FIRST | {"rows": "documents", "loss_on": "summary"}
 AUX = ALIGNED | {"aux_weight": 1.0}
 AUX_MEAN = AUX | {"target_scale": 0.0}  # calm-events-2.1.0's recipe
+# the CALM authors' optimiser for energy-trained models (shaochenze/EAR)
+EAR: dict[str, Any] = {"schedule": "constant", "warmup_fraction": 0.1, "head_lr_ratio": 0.25}
 ARMS = {
     arm.name: arm
     for arm in (
@@ -73,9 +75,7 @@ ARMS = {
             "aux-mean-targets-ear",
             "aux-mean-targets with the authors' optimiser (EAR)",
             train=AUX_MEAN,
-            schedule="constant",
-            warmup_fraction=0.1,
-            head_lr_ratio=0.25,
+            **EAR,
         ),
         Arm("recipe", "the study's config as it is (default: configs/domain.yaml)"),
         Arm(
@@ -87,9 +87,7 @@ ARMS = {
             "aux-ear-optimizer",
             "+ the authors' optimiser: longer warm-up, constant rate, head at 1/4 lr (EAR)",
             train=AUX,
-            schedule="constant",
-            warmup_fraction=0.1,
-            head_lr_ratio=0.25,
+            **EAR,
         ),
         Arm("aux-bf16", "+ bfloat16 autocast: more steps in the same clock", train=AUX, bf16=True),
         Arm("ar-control", "AR baseline, the first recipe", model="ar", train=FIRST),
