@@ -23,7 +23,7 @@ from model.data import Batch
 from model.evaluate import evaluate_model
 from model.generate import generate
 from model.tokenizer import Tokenizer
-from model.train_loops import evaluate_loss
+from model.train_loops import evaluate_loss, model_inputs
 from operators.facts import score
 from pipeline.training.corpus import ChunkSamples, DocumentRows, RowSamples, TokenCorpus
 from pipeline.training.stages import EvalSpec
@@ -120,10 +120,7 @@ def summary_metrics(
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         for ids, targets in batches:
-            ids_t, targets_t = (
-                torch.from_numpy(ids).to(device),
-                torch.from_numpy(targets).to(device),
-            )
+            ids_t, targets_t = model_inputs((ids, targets), device)
             out = model(ids_t, targets_t)
             truth = ids_t.view(len(ids), -1, model.config.k)[:, 1:][out.scored]
             hidden = out.hidden[out.scored]
